@@ -1,0 +1,298 @@
+"""One typed schema for a whole run, loaded from YAML plus dotted command-line overrides.
+
+Every section validates itself where it is defined; unknown keys fail. A run config is built by
+`load_config(path_or_name, overrides)`: shipped config (or a user's YAML file) → method preset →
+`key=value` overrides, then validated once, so every error names the field and the reason.
+"""
+
+from __future__ import annotations
+
+import copy
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A run configuration that cannot be used; the message names the field and the fix."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(Section):
+    """The real dataset: used to train the teacher and to evaluate the student, never to distill."""
+
+    name: Literal["digits", "mnist", "cifar10", "imagefolder"] = "digits"
+    root: Path | None = Field(
+        None,
+        description="Folder with train.npz/test.npz (mnist, cifar10) or train/ and val/ class folders "
+        "(imagefolder). Unused for digits, which ships with scikit-learn.",
+    )
+    resolution: int | None = Field(
+        None, ge=4, le=1024, description="Evaluation resolution; default: the dataset's native one."
+    )
+    eval_batch_size: int = Field(512, ge=1)
+
+    @model_validator(mode="after")
+    def _root_when_needed(self) -> DataConfig:
+        if self.name != "digits" and self.root is None:
+            raise ValueError(f"data.root is required for data.name={self.name!r}: set it to the dataset folder")
+        return self
+
+
+class TeacherConfig(Section):
+    arch: str = Field("digits_cnn", description="timm model name (ours are registered by importing muse.models)")
+    checkpoint: Path | None = Field(
+        None, description="Teacher checkpoint; default <output_dir>/../teachers/<data>-<arch>.pt"
+    )
+    train_if_missing: bool = Field(True, description="Train and cache the teacher when the checkpoint is absent")
+    epochs: int = Field(30, ge=1)
+    batch_size: int = Field(128, ge=1)
+    lr: float = Field(0.05, gt=0)
+    weight_decay: float = Field(5e-4, ge=0)
+
+
+class StudentConfig(Section):
+    arch: str = "digits_cnn_half"
+
+
+class EmbeddingConfig(Section):
+    """Label embeddings (one row per class) that condition the generator and anchor L_ed."""
+
+    source: str = Field("teacher-fc", description="teacher-fc | random | file:PATH.npy")
+    dim: int = Field(64, ge=2, description="Row size for source=random (others take the source's width)")
+
+    @field_validator("source")
+    @classmethod
+    def _known_source(cls, value: str) -> str:
+        if value in ("teacher-fc", "random") or (value.startswith("file:") and len(value) > 5):
+            return value
+        raise ValueError("must be 'teacher-fc', 'random' or 'file:PATH.npy'")
+
+
+class GeneratorConfig(Section):
+    ngf: int = Field(64, ge=4, description="Trunk width (channels of the last stage; earlier stages use 2·ngf)")
+    noise_dim: int = Field(1000, ge=2, description="Width z of the noisy layer")
+    init_size: int = Field(4, ge=1, description="Spatial size s0 of the first trunk feature map")
+    output: Literal["heads", "resize"] = Field(
+        "heads", description="heads: one output conv per trunk stage; resize: last stage resized bilinearly"
+    )
+
+
+class LossConfig(Section):
+    bn: float = Field(10.0, ge=0, description="α_bn, BN-statistics loss")
+    ce: float = Field(0.5, ge=0, description="α_ce, teacher cross-entropy to the conditioning label")
+    adv: float = Field(1.33, ge=0, description="α_adv, adversarial student/teacher disagreement (after warm-up)")
+    kr: float = Field(0.5, ge=0, description="α_kr, CAM key-region loss (MUSE)")
+    aed: float = Field(0.5, ge=0, description="α_aed, adversarial embedding diversity for the generator (MUSE)")
+    ed: float = Field(0.5, ge=0, description="α_ed, student embedding loss toward the class anchor (MUSE)")
+    tau: float = Field(20.0, gt=0, description="KD temperature")
+    cam_sigma: float = Field(0.25, gt=0, description="σ of the CAM target Gaussian, as a fraction of the map size")
+    ed_radius: float = Field(0.1, ge=0, description="r in relu(‖P(f_S(x)) − LE[y]‖² − r)")
+    bn_momentum: float = Field(0.9, ge=0, lt=1, description="EMA blend of earlier batches' BN statistics")
+
+
+ScheduleKind = Literal["fixed", "cycle", "random", "progressive"]
+
+
+class ResolutionConfig(Section):
+    """Which resolutions the generator synthesises at, and in what order (MUSE)."""
+
+    set: list[int] = Field(default_factory=lambda: [8, 16])
+    schedule: ScheduleKind = "random"
+    weights: list[float] | None = Field(None, description="Sampling weights for schedule=random")
+    teacher_input: Literal["native", "resize"] = "native"
+    student_input: Literal["native", "resize"] = "resize"
+
+    @field_validator("set")
+    @classmethod
+    def _valid_set(cls, value: list[int]) -> list[int]:
+        if not value:
+            raise ValueError("must name at least one resolution, e.g. [16]")
+        if any(r < 4 for r in value):
+            raise ValueError(f"resolutions must be ≥ 4 pixels, got {value}")
+        if len(set(value)) != len(value):
+            raise ValueError(f"resolutions must be distinct, got {value}")
+        return sorted(value)
+
+    @model_validator(mode="after")
+    def _weights_match(self) -> ResolutionConfig:
+        if self.weights is not None:
+            if len(self.weights) != len(self.set):
+                raise ValueError(
+                    f"resolution.weights has {len(self.weights)} entries but resolution.set has {len(self.set)}"
+                )
+            if any(w < 0 for w in self.weights) or sum(self.weights) <= 0:
+                raise ValueError("resolution.weights must be non-negative with a positive sum")
+        return self
+
+
+class SynthesisConfig(Section):
+    source: Literal["generator", "noise"] = Field(
+        "generator", description="noise: Gaussian-noise images, the floor baseline (same budget)"
+    )
+    batch_size: int = Field(100, ge=2, description="Images per synthesis episode")
+    g_steps: int = Field(30, ge=1, description="Generator optimisation steps per episode")
+    g_loops: int = Field(2, ge=0, description="Synthesis episodes per epoch after warm-up")
+    warmup: int = Field(5, ge=0, description="Warm-up epochs: fill the pool, no distillation")
+    gwp_loops: int = Field(5, ge=1, description="Synthesis episodes per warm-up epoch")
+    g_life: int = Field(10, ge=1, description="Rebuild the generator every g_life epochs")
+    lr_g: float = Field(4e-3, gt=0)
+    augment: bool = Field(True, description="Random crop + flip inside the generator loop")
+
+
+class DistillConfig(Section):
+    epochs: int = Field(40, ge=1, description="Epochs after warm-up")
+    kd_steps: int = Field(20, ge=1, description="Student steps per epoch")
+    batch_size: int = Field(128, ge=1)
+    lr: float = Field(0.1, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(5e-4, ge=0)
+    lr_schedule: Literal["cosine", "constant"] = "cosine"
+    augment: bool = Field(True, description="Crop/flip pool images; the teacher then re-scores the augmented batch")
+
+
+class PoolConfig(Section):
+    capacity: int = Field(20000, ge=1, description="Most images kept; the oldest are dropped first")
+    directory: Path | None = Field(None, description="Parquet shard folder; default <output_dir>/pool")
+    image_dtype: Literal["uint8", "float16"] = "uint8"
+
+
+class RunConfig(Section):
+    method: Literal["muse", "nayer"] = Field("muse", description="Preset applied under the file's values")
+    seed: int = 0
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
+    output_dir: Path = Path("runs/default")
+    data: DataConfig = Field(default_factory=DataConfig)
+    teacher: TeacherConfig = Field(default_factory=TeacherConfig)
+    student: StudentConfig = Field(default_factory=StudentConfig)
+    embedding: EmbeddingConfig = Field(default_factory=EmbeddingConfig)
+    generator: GeneratorConfig = Field(default_factory=GeneratorConfig)
+    loss: LossConfig = Field(default_factory=LossConfig)
+    resolution: ResolutionConfig = Field(default_factory=ResolutionConfig)
+    synthesis: SynthesisConfig = Field(default_factory=SynthesisConfig)
+    distill: DistillConfig = Field(default_factory=DistillConfig)
+    pool: PoolConfig = Field(default_factory=PoolConfig)
+
+    @property
+    def teacher_checkpoint(self) -> Path:
+        if self.teacher.checkpoint is not None:
+            return self.teacher.checkpoint
+        return self.output_dir.parent / "teachers" / f"{self.data.name}-{self.teacher.arch}.pt"
+
+    @property
+    def pool_directory(self) -> Path:
+        return self.pool.directory if self.pool.directory is not None else self.output_dir / "pool"
+
+    def flat(self) -> dict[str, Any]:
+        """Dotted key → value, e.g. {"loss.kr": 0.5}: for tracking params and sweeps."""
+        return _flatten(self.model_dump(mode="json"))
+
+
+# Method presets: the NAYER baseline is the MUSE engine with its three additions switched off.
+# `None` means "the dataset's evaluation resolution", filled in by `load_config`.
+PRESETS: dict[str, dict[str, Any]] = {
+    "muse": {},
+    "nayer": {"resolution.set": None, "resolution.schedule": "fixed", "resolution.weights": None,
+              "loss.kr": 0.0, "loss.aed": 0.0, "loss.ed": 0.0},
+}
+
+NATIVE_RESOLUTION = {"digits": 16, "mnist": 32, "cifar10": 32, "imagefolder": 224}
+
+
+def load_config(source: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Build and validate a run config. `source`: a YAML path, a shipped name (`digits`), or None."""
+    raw = _read_source(source)
+    cli = parse_overrides(overrides or [])
+    method = cli.get("method", raw.get("method", "muse"))
+    if method not in PRESETS:
+        raise ConfigError(f"method: unknown preset {method!r}; choose one of {sorted(PRESETS)}")
+    merged = copy.deepcopy(raw)
+    for key, value in PRESETS[method].items():
+        if value is None and key == "resolution.set":
+            data = {**raw.get("data", {}), **{k[5:]: v for k, v in cli.items() if k.startswith("data.")}}
+            value = [data.get("resolution") or NATIVE_RESOLUTION.get(data.get("name", "digits"), 32)]
+        _set_dotted(merged, key, value)
+    for key, value in cli.items():
+        _set_dotted(merged, key, value)
+    return validate_config(merged)
+
+
+def validate_config(raw: dict[str, Any]) -> RunConfig:
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as error:
+        raise ConfigError(_describe(error)) from None
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """`["loss.kr=2.0", "resolution.set=[8,16]"]` → {"loss.kr": 2.0, ...}; values are parsed as YAML."""
+    parsed: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {item!r} must look like section.field=value, e.g. loss.kr=2.0")
+        parsed[key.strip()] = yaml.safe_load(text) if text.strip() else None
+    return parsed
+
+
+def shipped_configs() -> list[str]:
+    return sorted(p.name.removesuffix(".yaml") for p in resources.files("muse.configs").iterdir()
+                  if p.name.endswith(".yaml"))
+
+
+def _read_source(source: str | Path | None) -> dict[str, Any]:
+    if source is None:
+        return {}
+    path = Path(source)
+    if not path.exists() and str(source) in shipped_configs():
+        text = resources.files("muse.configs").joinpath(f"{source}.yaml").read_text()
+    elif path.is_file():
+        text = path.read_text()
+    else:
+        raise ConfigError(f"config {str(source)!r} is neither a file nor a shipped config ({shipped_configs()})")
+    try:
+        loaded = yaml.safe_load(text) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"config {str(source)!r} is not valid YAML: {error}") from None
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"config {str(source)!r} must be a mapping of sections, got {type(loaded).__name__}")
+    return loaded
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    node = tree
+    for part in parents:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {dotted!r}: {part!r} is a value, not a section")
+        node = child
+    node[leaf] = value
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def _describe(error: ValidationError) -> str:
+    lines = []
+    for item in error.errors():
+        field = ".".join(str(p) for p in item["loc"]) or "config"
+        reason = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "extra_forbidden":
+            reason = "unknown field (check the spelling; `muse show-config` lists every field)"
+        lines.append(f"{field}: {reason} (got {item.get('input')!r})")
+    return "invalid config:\n  " + "\n  ".join(lines)

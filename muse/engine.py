@@ -1,0 +1,158 @@
+"""The single-process reference run: build every part, then warm-up and epochs, top to bottom.
+
+Warm-up epochs only fill the pool (`gwp_loops` episodes each); every later epoch runs `g_loops`
+episodes, `kd_steps` student steps on pool batches, and an evaluation on the real test split.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from muse.config import RunConfig
+from muse.data import ImageSplits, load_dataset
+from muse.distillation import Distiller
+from muse.embeddings import label_embeddings
+from muse.evaluate import accuracy
+from muse.io import save_json, save_torch
+from muse.pool import PoolBatch, SyntheticPool
+from muse.schedules import ResolutionSchedule
+from muse.student import StudentNet
+from muse.synthesis import SynthesisRecord, Synthesizer
+from muse.teacher import ensure_teacher
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+@dataclass
+class SynthesisTally:
+    """Images and pixels synthesised per resolution, and time spent."""
+
+    images: Counter = field(default_factory=Counter)
+    pixels: Counter = field(default_factory=Counter)
+    seconds: float = 0.0
+
+    def add(self, record: SynthesisRecord) -> None:
+        self.images[record.resolution] += len(record)
+        self.pixels[record.resolution] += record.pixels
+        self.seconds += record.timings.get("synthesis_s", 0.0)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"images": {str(k): v for k, v in sorted(self.images.items())},
+                "pixels": {str(k): v for k, v in sorted(self.pixels.items())},
+                "total_images": sum(self.images.values()), "total_pixels": sum(self.pixels.values()),
+                "synthesis_s": self.seconds}
+
+
+@dataclass
+class RunParts:
+    """Everything a run is made of, built once by `build_run` (also used by the Ray workers)."""
+
+    cfg: RunConfig
+    device: torch.device
+    splits: ImageSplits
+    teacher: torch.nn.Module
+    teacher_meta: dict[str, Any]
+    embeddings: torch.Tensor
+    student: StudentNet
+    synthesizer: Synthesizer
+    distiller: Distiller
+    pool: SyntheticPool
+    schedule: ResolutionSchedule
+
+
+def build_run(cfg: RunConfig, splits: ImageSplits | None = None) -> RunParts:
+    seed_everything(cfg.seed)
+    device = resolve_device(cfg.device)
+    splits = splits or load_dataset(cfg.data)
+    info = splits.info
+    teacher, meta = ensure_teacher(cfg, splits, device)
+    teacher.to(device)
+    embeddings = label_embeddings(cfg.embedding, teacher, info.num_classes, cfg.seed)
+    student = StudentNet(cfg.student.arch, info.num_classes, info.in_chans, embeddings.shape[1])
+    total_epochs = cfg.synthesis.warmup + cfg.distill.epochs
+    synthesizer = Synthesizer(cfg, teacher, embeddings, info.in_chans, info.mean, info.std, info.resolution, device)
+    distiller = Distiller(cfg, student, teacher, embeddings, info.mean, info.std, info.resolution,
+                          cfg.distill.epochs * cfg.distill.kd_steps, device)
+    return RunParts(cfg, device, splits, teacher, meta, embeddings, student, synthesizer, distiller,
+                    SyntheticPool(cfg.pool.capacity), ResolutionSchedule(cfg.resolution, total_epochs, cfg.seed))
+
+
+def draw_batch(pool: SyntheticPool, cfg: RunConfig, rng: np.random.Generator) -> PoolBatch | list[PoolBatch]:
+    """A KD batch: mixed resolutions when the student sees everything resized, else one resolution."""
+    if cfg.resolution.student_input == "resize":
+        return pool.sample_mixed(cfg.distill.batch_size, rng)
+    return pool.sample(cfg.distill.batch_size, rng)
+
+
+def run_distillation(cfg: RunConfig, splits: ImageSplits | None = None, progress: bool = True) -> dict[str, Any]:
+    """Run warm-up and epochs in this process; write the student and `summary.json` to `cfg.output_dir`."""
+    started = time.perf_counter()
+    parts = build_run(cfg, splits)
+    teacher_acc = parts.teacher_meta.get("test_acc")
+    if teacher_acc is None:
+        teacher_acc = accuracy(parts.teacher, parts.splits.test, cfg.data.eval_batch_size, parts.device)
+    tally, history = SynthesisTally(), []
+    sample_rng = np.random.default_rng(cfg.seed)
+    total_epochs = cfg.synthesis.warmup + cfg.distill.epochs
+    bar = tqdm(range(total_epochs), desc=f"{cfg.method} distill", unit="epoch", disable=not progress,
+               dynamic_ncols=True)
+    for epoch in bar:
+        parts.synthesizer.maybe_rebuild(epoch)
+        warming_up = epoch < cfg.synthesis.warmup
+        for _ in range(cfg.synthesis.gwp_loops if warming_up else cfg.synthesis.g_loops):
+            resolution = parts.schedule.resolution(epoch, parts.synthesizer.step)
+            record = parts.synthesizer.episode(resolution, parts.student, parts.distiller.steps,
+                                               adversarial=not warming_up)
+            parts.pool.add(record)
+            tally.add(record)
+        if warming_up:
+            bar.set_postfix(phase="warm-up", pool=len(parts.pool))
+            continue
+        losses: dict[str, float] = {}
+        for _ in range(cfg.distill.kd_steps):
+            losses = parts.distiller.step(draw_batch(parts.pool, cfg, sample_rng))
+        student_acc = accuracy(parts.student.backbone, parts.splits.test, cfg.data.eval_batch_size, parts.device)
+        history.append({"epoch": epoch, "student_acc": student_acc, **{f"loss_{k}": v for k, v in losses.items()},
+                        "synthesis_loss": record.losses, "pool": len(parts.pool)})
+        bar.set_postfix(acc=f"{student_acc:.2f}", best=f"{max(h['student_acc'] for h in history):.2f}")
+    return finish_run(cfg, parts, teacher_acc, history, tally, time.perf_counter() - started)
+
+
+def finish_run(cfg: RunConfig, parts: RunParts, teacher_acc: float, history: list[dict[str, Any]],
+               tally: SynthesisTally, wall_s: float) -> dict[str, Any]:
+    accs = [h["student_acc"] for h in history]
+    summary = {
+        "method": cfg.method, "dataset": cfg.data.name, "teacher": cfg.teacher.arch, "student": cfg.student.arch,
+        "teacher_acc": teacher_acc,
+        "student_acc": accs[-1] if accs else None,
+        "best_acc": max(accs) if accs else None,
+        "best_epoch": history[int(np.argmax(accs))]["epoch"] if accs else None,
+        "best_note": "best over epochs selects on the test split, as the DFKD literature reports it",
+        "wall_s": wall_s, "kd_steps": parts.distiller.steps, "synthesis_episodes": parts.synthesizer.step,
+        "synthesis": tally.as_dict(), "history": history, "config": cfg.model_dump(mode="json"),
+    }
+    cfg.output_dir.mkdir(parents=True, exist_ok=True)
+    save_torch({"arch": cfg.student.arch, "state_dict": parts.student.state_dict(),
+                "backbone_state_dict": parts.student.backbone.state_dict(), "student_acc": summary["student_acc"]},
+               cfg.output_dir / "student.pt")
+    parts.pool.save(cfg.pool_directory)
+    save_json(summary, cfg.output_dir / "summary.json")
+    return summary

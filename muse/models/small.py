@@ -1,0 +1,196 @@
+"""Small teachers and students for 1-channel digit images: a plain CNN for scikit-learn's 8×8 digits
+(upsampled to 16×16) and DAFL's LeNet-5 for 32×32 MNIST. Both carry BatchNorm after every conv,
+because data-free distillation matches the teacher's BN statistics."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from timm.layers import SelectAdaptivePool2d, create_classifier, get_device_dtype
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from torch import nn
+
+__all__ = ["DigitsCNN", "LeNet5"]  # register_model appends each entrypoint
+
+DIGITS_MEAN = (0.3053,)  # scikit-learn digits scaled to [0, 1], upsampled bilinearly to 16×16
+DIGITS_STD = (0.3189,)
+MNIST_MEAN = (0.1307,)
+MNIST_STD = (0.3081,)
+
+
+def _conv_bn_relu(in_chs: int, out_chs: int, kernel_size: int = 3, stride: int = 1) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(in_chs, out_chs, kernel_size, stride=stride, padding=kernel_size // 2, bias=False),
+        nn.BatchNorm2d(out_chs),
+        nn.ReLU(inplace=True),
+    )
+
+
+def _init_weights(model: nn.Module) -> None:
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.Linear):
+            nn.init.zeros_(m.bias)
+
+
+class DigitsCNN(nn.Module):
+    """Four 3×3 conv-BN-ReLU layers, the third with stride 2, then global average pool and a linear
+    classifier. Works at any input size; a 16×16 input gives an 8×8 feature map."""
+
+    def __init__(
+        self,
+        widths: tuple[int, int, int, int] = (16, 32, 64, 64),
+        num_classes: int = 10,
+        in_chans: int = 1,
+        global_pool: str = "avg",
+        drop_rate: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+        self.drop_rate = drop_rate
+        strides = (1, 1, 2, 1)
+        chans = (in_chans, *widths)
+        self.features = nn.Sequential(
+            *[_conv_bn_relu(chans[i], chans[i + 1], stride=s) for i, s in enumerate(strides)]
+        )
+        self.num_features = widths[-1]
+        self.global_pool, self.fc = create_classifier(self.num_features, num_classes, pool_type=global_pool)
+        self.head_hidden_size = self.num_features * self.global_pool.feat_mult()
+        _init_weights(self)
+
+    def get_classifier(self) -> nn.Module:
+        return self.fc
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        self.num_classes = num_classes
+        pool_type = self.global_pool.pool_type if global_pool is None else global_pool
+        self.global_pool, self.fc = create_classifier(
+            self.num_features, num_classes, pool_type=pool_type, **get_device_dtype(self)
+        )
+        self.head_hidden_size = self.num_features * self.global_pool.feat_mult()
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(x)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = self.global_pool(x)
+        if self.drop_rate:
+            x = F.dropout(x, p=self.drop_rate, training=self.training)
+        return x if pre_logits else self.fc(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+class LeNet5(nn.Module):
+    """LeNet-5 as in DAFL: conv(5×5)-BN-ReLU-maxpool ×2, conv(5×5)-BN-ReLU, fc-ReLU, fc.
+
+    Deviations from DAFL, for data-free distillation at several resolutions: BatchNorm after each conv,
+    and "same" padding plus a global average pool before fc1, so any input ≥ 4×4 works (weight shapes
+    are DAFL's). forward_features returns the conv3 map (8×8 at 32×32 input); fc1 belongs to the head,
+    so `num_features` (map channels) differs from the pre-logits width `head_hidden_size`, and the
+    classifier is fc2.
+    """
+
+    def __init__(
+        self,
+        widths: tuple[int, int, int, int] = (6, 16, 120, 84),
+        num_classes: int = 10,
+        in_chans: int = 1,
+        global_pool: str = "avg",
+        drop_rate: float = 0.0,
+    ) -> None:
+        super().__init__()
+        c1, c2, c3, hidden = widths
+        self.num_classes = num_classes
+        self.drop_rate = drop_rate
+        self.features = nn.Sequential(
+            _conv_bn_relu(in_chans, c1, kernel_size=5),
+            nn.MaxPool2d(2),
+            _conv_bn_relu(c1, c2, kernel_size=5),
+            nn.MaxPool2d(2),
+            _conv_bn_relu(c2, c3, kernel_size=5),
+        )
+        self.num_features = c3
+        self.head_hidden_size = hidden
+        self.global_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=True)
+        self.fc1 = nn.Linear(c3 * self.global_pool.feat_mult(), hidden)
+        self.fc2 = nn.Linear(hidden, num_classes) if num_classes > 0 else nn.Identity()
+        _init_weights(self)
+
+    def get_classifier(self) -> nn.Module:
+        return self.fc2
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        dd = get_device_dtype(self)
+        self.num_classes = num_classes
+        if global_pool is not None and global_pool != self.global_pool.pool_type:
+            self.global_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=True)
+            in_features = self.num_features * self.global_pool.feat_mult()
+            self.fc1 = nn.Linear(in_features, self.head_hidden_size, **dd)
+        self.fc2 = nn.Linear(self.head_hidden_size, num_classes, **dd) if num_classes > 0 else nn.Identity()
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(x)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = F.relu(self.fc1(self.global_pool(x)))
+        if self.drop_rate:
+            x = F.dropout(x, p=self.drop_rate, training=self.training)
+        return x if pre_logits else self.fc2(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+def _cfg(**kwargs: Any) -> dict[str, Any]:
+    return {
+        "url": "",
+        "num_classes": 10,
+        "crop_pct": 1.0,
+        "interpolation": "bilinear",
+        "first_conv": "features.0.0",
+        "classifier": "fc",
+        **kwargs,
+    }
+
+
+default_cfgs = generate_default_cfgs({
+    "digits_cnn": _cfg(input_size=(1, 16, 16), pool_size=(8, 8), mean=DIGITS_MEAN, std=DIGITS_STD),
+    "digits_cnn_half": _cfg(input_size=(1, 16, 16), pool_size=(8, 8), mean=DIGITS_MEAN, std=DIGITS_STD),
+    "lenet5": _cfg(input_size=(1, 32, 32), pool_size=(8, 8), mean=MNIST_MEAN, std=MNIST_STD, classifier="fc2"),
+    "lenet5_half": _cfg(
+        input_size=(1, 32, 32), pool_size=(8, 8), mean=MNIST_MEAN, std=MNIST_STD, classifier="fc2"
+    ),
+})
+
+
+@register_model
+def digits_cnn(pretrained: bool = False, **kwargs: Any) -> DigitsCNN:
+    """Digits teacher: widths 16/32/64/64 (small enough for synthesis on a 2-core CPU)."""
+    model_args = dict(widths=(16, 32, 64, 64))
+    return build_model_with_cfg(DigitsCNN, "digits_cnn", pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def digits_cnn_half(pretrained: bool = False, **kwargs: Any) -> DigitsCNN:
+    """Digits student: half the teacher's width, 8/16/32/32."""
+    model_args = dict(widths=(8, 16, 32, 32))
+    return build_model_with_cfg(DigitsCNN, "digits_cnn_half", pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def lenet5(pretrained: bool = False, **kwargs: Any) -> LeNet5:
+    """DAFL's MNIST teacher: widths 6/16/120, fc 84."""
+    model_args = dict(widths=(6, 16, 120, 84))
+    return build_model_with_cfg(LeNet5, "lenet5", pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def lenet5_half(pretrained: bool = False, **kwargs: Any) -> LeNet5:
+    """DAFL's MNIST student (LeNet-5-Half): widths 3/8/60, fc 42."""
+    model_args = dict(widths=(3, 8, 60, 42))
+    return build_model_with_cfg(LeNet5, "lenet5_half", pretrained, **dict(model_args, **kwargs))

@@ -1,0 +1,180 @@
+"""One synthesis episode (NAYER + MUSE): fresh noisy layers and a fresh Adam, `g_steps` generator
+updates against the teacher (and the current student), keep the lowest-loss un-augmented batch.
+
+`Synthesizer` holds what persists between episodes (teacher, generator trunk, label embeddings, BN
+EMA, RNG) and returns a `SynthesisRecord` of plain numpy arrays, so a Ray actor can ship it as is.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from muse.config import RunConfig
+from muse.generator import NoisyLayerGenerator, class_cycle
+from muse.losses import BNStatisticsLoss, adversarial_loss, embedding_distance_loss, key_region_loss
+from muse.models import classifier_weight, features_and_logits, supports_cam
+from muse.student import StudentNet
+from muse.transforms import FLIP_SAFE, model_input, random_shift_flip
+
+
+@dataclass
+class SynthesisRecord:
+    """A batch of synthetic images with everything distillation and bookkeeping need."""
+
+    images: np.ndarray  # [n, C, r, r], pixel values in [0,1] as uint8 (×255) or float16
+    labels: np.ndarray  # [n] int64, the conditioning labels
+    teacher_logits: np.ndarray  # [n, K] float32, on the un-augmented images at their teacher input
+    resolution: int
+    student_version: int = -1  # version of the student weights the episode saw (-1: none)
+    step: int = 0  # global synthesis episode counter
+    losses: dict[str, float] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def pixels(self) -> int:
+        return len(self) * self.resolution**2
+
+    def images01(self) -> torch.Tensor:
+        """Images as a float tensor in [0,1]."""
+        images = torch.from_numpy(np.ascontiguousarray(self.images)).float()
+        return images / 255.0 if self.images.dtype == np.uint8 else images
+
+
+def encode_images(images01: torch.Tensor, dtype: str) -> np.ndarray:
+    array = images01.detach().clamp(0, 1).cpu()
+    if dtype == "uint8":
+        return (array * 255.0).round().to(torch.uint8).numpy()
+    return array.to(torch.float16).numpy()
+
+
+class Synthesizer:
+    def __init__(self, cfg: RunConfig, teacher: nn.Module, embeddings: torch.Tensor, in_chans: int,
+                 mean: tuple[float, ...], std: tuple[float, ...], eval_resolution: int,
+                 device: torch.device | str = "cpu") -> None:
+        self.cfg = cfg
+        self.device = torch.device(device)
+        self.teacher = teacher.to(self.device).eval().requires_grad_(False)
+        self.embeddings = embeddings.to(self.device)
+        self.in_chans = in_chans
+        self.mean = torch.tensor(mean, device=self.device)
+        self.std = torch.tensor(std, device=self.device)
+        self.eval_resolution = eval_resolution
+        self.flip = FLIP_SAFE.get(cfg.data.name, True)
+        self.num_classes = embeddings.shape[0]
+        if cfg.loss.kr > 0 and not supports_cam(self.teacher):
+            raise ValueError(f"loss.kr > 0 needs a CAM, but teacher {cfg.teacher.arch!r} has no linear classifier "
+                             "directly over its pooled feature map; set loss.kr=0")
+        self.class_weight = classifier_weight(self.teacher).detach() if cfg.loss.kr > 0 else None
+        self.bn_loss = BNStatisticsLoss(self.teacher, cfg.loss.bn_momentum)
+        self.rng = torch.Generator().manual_seed(cfg.seed)
+        self.step = 0
+        self.generator = self._new_generator()
+
+    def _new_generator(self) -> NoisyLayerGenerator:
+        g = self.cfg.generator
+        torch.manual_seed(self.cfg.seed + 7919 * self.step)
+        return NoisyLayerGenerator(self.embeddings.cpu(), self.cfg.resolution.set, self.in_chans,
+                                   self.cfg.synthesis.batch_size, g.ngf, g.noise_dim, g.init_size,
+                                   g.output).to(self.device)
+
+    def maybe_rebuild(self, epoch: int) -> bool:
+        """Rebuild the generator every `g_life` epochs (NAYER): a warm start that has drifted is reset."""
+        if epoch > 0 and epoch % self.cfg.synthesis.g_life == 0:
+            self.generator = self._new_generator()
+            return True
+        return False
+
+    def _teacher_input(self, images01: torch.Tensor) -> torch.Tensor:
+        resize_to = self.eval_resolution if self.cfg.resolution.teacher_input == "resize" else None
+        return model_input(images01, self.mean, self.std, resize_to)
+
+    def _student_input(self, images01: torch.Tensor) -> torch.Tensor:
+        resize_to = self.eval_resolution if self.cfg.resolution.student_input == "resize" else None
+        return model_input(images01, self.mean, self.std, resize_to)
+
+    def episode(self, resolution: int, student: StudentNet | None = None, student_version: int = -1,
+                adversarial: bool = False) -> SynthesisRecord:
+        """Synthesise one batch at `resolution`. With `adversarial` (after warm-up) and a student, the
+        adversarial and embedding-diversity terms are on."""
+        started = time.perf_counter()
+        cfg, weights = self.cfg.synthesis, self.cfg.loss
+        labels = class_cycle(cfg.batch_size, self.num_classes, self.device)
+        if cfg.source == "noise":
+            best_images = torch.randn(cfg.batch_size, self.in_chans, resolution, resolution,
+                                      generator=self.rng).to(self.device).mul(0.5).add(0.5).clamp(0, 1)
+            best_losses: dict[str, float] = {}
+        else:
+            use_student = adversarial and student is not None and (weights.adv > 0 or weights.aed > 0)
+            if student is not None:
+                student.eval().requires_grad_(False)  # the generator's gradients only
+            try:
+                best_images, best_losses = self._optimise(labels, resolution, student if use_student else None)
+            finally:
+                if student is not None:
+                    student.requires_grad_(True)
+        with torch.no_grad():
+            teacher_logits = self.teacher(self._teacher_input(best_images))
+        self.step += 1
+        return SynthesisRecord(
+            images=encode_images(best_images, self.cfg.pool.image_dtype),
+            labels=labels.cpu().numpy().astype(np.int64),
+            teacher_logits=teacher_logits.float().cpu().numpy(),
+            resolution=resolution,
+            student_version=student_version,
+            step=self.step - 1,
+            losses=best_losses,
+            timings={"synthesis_s": time.perf_counter() - started},
+        )
+
+    def _optimise(self, labels: torch.Tensor, resolution: int,
+                  student: StudentNet | None) -> tuple[torch.Tensor, dict[str, float]]:
+        cfg, weights = self.cfg.synthesis, self.cfg.loss
+        self.generator.redraw_noise(self.rng)
+        optimizer = torch.optim.Adam(self.generator.parameters(), lr=cfg.lr_g, betas=(0.5, 0.999))
+        self.generator.train()
+        best_total, best_images, best_losses = float("inf"), None, {}
+        for _ in range(cfg.g_steps):
+            images = self.generator(labels, resolution)
+            seen = random_shift_flip(images, flip=self.flip, generator=self.rng) if cfg.augment else images
+            self.bn_loss.start(resolution)
+            feature_map, teacher_logits = features_and_logits(self.teacher, self._teacher_input(seen))
+            terms = {"bn": self.bn_loss.loss(), "ce": F.cross_entropy(teacher_logits, labels)}
+            if weights.kr > 0:
+                terms["kr"] = key_region_loss(feature_map, self.class_weight, labels, weights.cam_sigma)
+            if student is not None:
+                student_logits, student_embedding = student(self._student_input(seen))
+                terms["adv"] = adversarial_loss(student_logits, teacher_logits)
+                if weights.aed > 0:
+                    ed = embedding_distance_loss(student_embedding, self.embeddings, labels, weights.ed_radius)
+                    terms["aed"] = -ed
+            total = sum(getattr(weights, name) * value for name, value in terms.items())
+            if total.item() < best_total:
+                best_total, best_images = total.item(), images.detach()
+                best_losses = {name: value.item() for name, value in terms.items()} | {"total": total.item()}
+            optimizer.zero_grad(set_to_none=True)
+            total.backward()
+            optimizer.step()
+        self.bn_loss.update_ema()
+        assert best_images is not None
+        return best_images, best_losses
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything a resume needs: generator trunk, BN EMA, RNG, episode counter."""
+        return {"generator": {k: v.detach().cpu().clone() for k, v in self.generator.state_dict().items()},
+                "bn_ema": self.bn_loss.state_dict(), "rng": self.rng.get_state(), "step": self.step}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.generator.load_state_dict(state["generator"])
+        self.bn_loss.load_state_dict(state["bn_ema"])
+        self.rng.set_state(state["rng"])
+        self.step = int(state["step"])

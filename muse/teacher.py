@@ -1,0 +1,123 @@
+"""Teachers: train a registered model on a real dataset, save it with its metadata (atomically), and
+load it back safely (`weights_only=True`), checking the metadata against the run's config."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+import muse.models  # noqa: F401  (registers our architectures with timm)
+from muse.config import ConfigError, RunConfig
+from muse.data import DatasetInfo, ImageSplits
+from muse.distillation import cosine_schedule
+from muse.evaluate import accuracy
+from muse.io import save_torch
+from muse.transforms import FLIP_SAFE, random_shift_flip
+
+CHECKPOINT_FORMAT = "muse-teacher-v1"
+
+
+def train_supervised(model: nn.Module, splits: ImageSplits, epochs: int, batch_size: int, lr: float,
+                     weight_decay: float, seed: int, device: torch.device | str = "cpu",
+                     desc: str = "train") -> float:
+    """Cross-entropy training on the real training split (shift/flip augmentation, SGD, cosine LR).
+    Returns test accuracy in percent. Used for teachers and for the `real` reference student."""
+    torch.manual_seed(seed)
+    loader = DataLoader(splits.train, batch_size=batch_size, shuffle=True, drop_last=False,
+                        generator=torch.Generator().manual_seed(seed))
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay,
+                                nesterov=True)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_schedule(epochs * len(loader)))
+    flip = FLIP_SAFE.get(splits.info.name, True)
+    model.to(device).train()
+    bar = tqdm(range(epochs), desc=desc, unit="epoch", dynamic_ncols=True)
+    for _ in bar:
+        for images, labels in loader:
+            images = random_shift_flip(images.to(device), flip=flip)
+            loss = F.cross_entropy(model(images), labels.to(device))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    return accuracy(model, splits.test, device=device)
+
+
+def train_teacher(cfg: RunConfig, splits: ImageSplits, device: torch.device | str = "cpu") -> tuple[nn.Module, dict[str, Any]]:
+    """Train `cfg.teacher.arch` on the real data and save it to `cfg.teacher_checkpoint`."""
+    info = splits.info
+    model = timm.create_model(cfg.teacher.arch, num_classes=info.num_classes, in_chans=info.in_chans)
+    started = time.perf_counter()
+    t = cfg.teacher
+    test_acc = train_supervised(model, splits, t.epochs, t.batch_size, t.lr, t.weight_decay, cfg.seed, device,
+                                desc=f"teacher {t.arch}")
+    meta = {
+        "arch": t.arch, "dataset": info.name, "num_classes": info.num_classes,
+        "class_names": list(info.class_names), "in_chans": info.in_chans, "mean": list(info.mean),
+        "std": list(info.std), "resolution": info.resolution, "test_acc": test_acc, "epochs": t.epochs,
+        "train_s": time.perf_counter() - started,
+    }
+    save_teacher(cfg.teacher_checkpoint, model, meta)
+    return model.eval(), meta
+
+
+def save_teacher(path: Path, model: nn.Module, meta: dict[str, Any]) -> Path:
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    return save_torch({"format": CHECKPOINT_FORMAT, "meta": meta, "state_dict": state}, path)
+
+
+def load_teacher(path: Path, arch: str, info: DatasetInfo) -> tuple[nn.Module, dict[str, Any]]:
+    """Load a teacher checkpoint written by `save_teacher`, or a plain state dict of `arch` (a user's
+    file), and check it fits the run: architecture, class count, input channels."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"teacher checkpoint {str(path)!r} not found: train one with `muse train-teacher "
+                          "--config ...`, set teacher.train_if_missing=true, or fix teacher.checkpoint")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises many types for truncated/garbage/pickled files
+        raise ConfigError(f"teacher checkpoint {str(path)!r} cannot be read ({type(error).__name__}: "
+                          f"{str(error).splitlines()[0] if str(error) else ''}); delete it to retrain, or "
+                          "point teacher.checkpoint at a valid file") from None
+    if isinstance(payload, dict) and payload.get("format") == CHECKPOINT_FORMAT:
+        meta, state = payload["meta"], payload["state_dict"]
+    elif isinstance(payload, dict) and payload and all(isinstance(v, torch.Tensor) for v in payload.values()):
+        meta, state = {"arch": arch, "num_classes": info.num_classes, "in_chans": info.in_chans}, payload
+    else:
+        raise ConfigError(f"teacher checkpoint {str(path)!r} is neither a muse teacher checkpoint nor a "
+                          "state dict of tensors")
+    problems = []
+    if meta["arch"] != arch:
+        problems.append(f"architecture is {meta['arch']!r} but teacher.arch is {arch!r}")
+    if meta["num_classes"] != info.num_classes:
+        problems.append(f"it has {meta['num_classes']} classes but dataset {info.name!r} has {info.num_classes}")
+    if meta["in_chans"] != info.in_chans:
+        problems.append(f"it takes {meta['in_chans']} input channels but {info.name!r} has {info.in_chans}")
+    if "dataset" in meta and meta["dataset"] != info.name:
+        problems.append(f"it was trained on {meta['dataset']!r}, not {info.name!r}")
+    if problems:
+        raise ConfigError(f"teacher checkpoint {str(path)!r} does not fit this run: " + "; ".join(problems))
+    model = timm.create_model(arch, num_classes=info.num_classes, in_chans=info.in_chans)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as error:
+        raise ConfigError(f"teacher checkpoint {str(path)!r} does not match architecture {arch!r}: "
+                          f"{str(error).splitlines()[0]}") from None
+    return model.eval(), meta
+
+
+def ensure_teacher(cfg: RunConfig, splits: ImageSplits, device: torch.device | str = "cpu") -> tuple[nn.Module, dict[str, Any]]:
+    """The run's teacher: loaded from its checkpoint, or trained and cached there on first use."""
+    path = cfg.teacher_checkpoint
+    if not path.exists() and cfg.teacher.train_if_missing:
+        print(f"teacher checkpoint {path} not found: training {cfg.teacher.arch} on {splits.info.name} (cached)")
+        return train_teacher(cfg, splits, device)
+    return load_teacher(path, cfg.teacher.arch, splits.info)

@@ -1,0 +1,82 @@
+"""Config loading: shipped configs, presets, overrides, and one clear error per bad value."""
+
+import numpy as np
+import pytest
+import torch
+
+from muse.config import ConfigError, load_config, parse_overrides, shipped_configs
+from muse.embeddings import label_embeddings
+
+
+def test_shipped_configs_load_and_validate():
+    assert {"digits", "mnist"} <= set(shipped_configs())
+    for name in shipped_configs():
+        cfg = load_config(name)
+        assert cfg.data.name in name or name == "digits"
+
+
+def test_dotted_overrides_are_parsed_as_yaml():
+    cfg = load_config("digits", ["loss.kr=2.0", "resolution.set=[12,8]", "seed=3", "data.resolution=16"])
+    assert cfg.loss.kr == 2.0
+    assert cfg.resolution.set == [8, 12]
+    assert cfg.seed == 3
+    assert parse_overrides(["a.b=[1, 2]"]) == {"a.b": [1, 2]}
+
+
+def test_nayer_preset_switches_off_the_muse_additions():
+    cfg = load_config("digits", ["method=nayer"])
+    assert cfg.resolution.set == [16] and cfg.resolution.schedule == "fixed"
+    assert cfg.loss.kr == cfg.loss.aed == cfg.loss.ed == 0.0
+    assert cfg.loss.bn == 10.0 and cfg.loss.adv == 1.33  # NAYER's own terms stay
+
+
+def test_overrides_win_over_the_preset():
+    assert load_config("digits", ["method=nayer", "loss.kr=1.0"]).loss.kr == 1.0
+
+
+@pytest.mark.parametrize("override, message", [
+    (["loss.krr=1"], "loss.krr: unknown field"),
+    (["synthesis.g_steps=many"], "synthesis.g_steps: Input should be a valid integer"),
+    (["resolution.set=[]"], "resolution.set: must name at least one resolution"),
+    (["resolution.set=[8,8]"], "resolution.set: resolutions must be distinct"),
+    (["resolution.weights=[1.0]"], "resolution.weights has 1 entries but resolution.set has 2"),
+    (["loss.bn=-1"], "loss.bn: Input should be greater than or equal to 0"),
+    (["embedding.source=clip"], "embedding.source: must be 'teacher-fc', 'random' or 'file:PATH.npy'"),
+    (["data.name=mnist"], "data.root is required for data.name='mnist'"),
+    (["method=deepdream"], "method: unknown preset 'deepdream'"),
+    (["loss.kr"], "override 'loss.kr' must look like section.field=value"),
+])
+def test_invalid_values_fail_with_the_field_and_reason(override, message):
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("(", r"\(")):
+        load_config("digits", override)
+
+
+def test_missing_config_file_names_the_shipped_ones(tmp_path):
+    with pytest.raises(ConfigError, match="neither a file nor a shipped config"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+
+
+def test_embeddings_file_with_wrong_class_count_is_refused(tmp_path):
+    path = tmp_path / "clip.npy"
+    np.save(path, np.ones((7, 4), dtype=np.float32))
+    cfg = load_config("digits", [f"embedding.source=file:{path}"])
+    with pytest.raises(ConfigError, match="has 7 rows but the teacher has 10 classes"):
+        label_embeddings(cfg.embedding, torch.nn.Linear(2, 10), num_classes=10, seed=0)
+
+
+def test_embedding_sources_give_unit_rows(tmp_path):
+    path = tmp_path / "e.npy"
+    np.save(path, np.arange(30, dtype=np.float32).reshape(10, 3) + 1)
+    cfg = load_config("digits", [f"embedding.source=file:{path}"])
+    from_file = label_embeddings(cfg.embedding, None, 10, 0)
+    random = label_embeddings(load_config("digits", ["embedding.source=random", "embedding.dim=16"]).embedding,
+                              None, 10, 0)
+    assert from_file.shape == (10, 3) and random.shape == (10, 16)
+    assert torch.allclose(random @ random.T, torch.eye(10), atol=1e-5)  # orthogonal codes
+    assert torch.allclose(from_file.norm(dim=1), torch.ones(10))
+    with pytest.raises(ConfigError, match="does not exist"):
+        label_embeddings(load_config("digits", ["embedding.source=file:/no/such.npy"]).embedding, None, 10, 0)

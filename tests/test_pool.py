@@ -1,0 +1,77 @@
+import numpy as np
+import pytest
+
+from muse.pool import SyntheticPool, record_to_table, table_to_record
+from muse.synthesis import SynthesisRecord
+
+
+def record(step, n=4, resolution=8, dtype=np.uint8, classes=3):
+    rng = np.random.default_rng(step)
+    images = (rng.integers(0, 256, (n, 1, resolution, resolution)).astype(dtype) if dtype == np.uint8
+              else rng.random((n, 1, resolution, resolution)).astype(dtype))
+    return SynthesisRecord(images=images, labels=np.arange(n) % classes,
+                           teacher_logits=rng.standard_normal((n, classes)).astype(np.float32),
+                           resolution=resolution, student_version=step * 10, step=step,
+                           losses={"bn": 1.5 + step}, timings={"synthesis_s": 0.25})
+
+
+def assert_same(a, b):
+    assert a.images.dtype == b.images.dtype
+    np.testing.assert_array_equal(a.images, b.images)
+    np.testing.assert_array_equal(a.labels, b.labels)
+    np.testing.assert_array_equal(a.teacher_logits, b.teacher_logits)
+    assert (a.resolution, a.student_version, a.step, a.losses, a.timings) == (
+        b.resolution, b.student_version, b.step, b.losses, b.timings)
+
+
+def test_pool_keeps_at_most_capacity_dropping_the_oldest():
+    pool = SyntheticPool(capacity=10)
+    for step in range(5):
+        pool.add(record(step))
+    assert len(pool) <= 10
+    assert [r.step for r in pool.records] == [3, 4]
+    assert pool.total_added == 20
+
+
+def test_a_record_larger_than_the_pool_keeps_its_newest_rows():
+    pool = SyntheticPool(capacity=3)
+    pool.add(record(0, n=5))
+    assert len(pool) == 3
+
+
+def test_sample_draws_one_resolution_at_a_time():
+    pool = SyntheticPool(capacity=100)
+    pool.add(record(0, resolution=8))
+    pool.add(record(1, resolution=16))
+    rng = np.random.default_rng(0)
+    seen = set()
+    for _ in range(20):
+        batch = pool.sample(6, rng)
+        assert batch.images.shape == (6, 1, batch.resolution, batch.resolution)
+        seen.add(batch.resolution)
+    assert seen == {8, 16}
+    assert pool.sample(3, rng, resolution=16).resolution == 16
+    with pytest.raises(ValueError, match="no images at resolution 32"):
+        pool.sample(3, rng, resolution=32)
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.float16])
+def test_parquet_round_trip_is_lossless(dtype):
+    original = record(7, dtype=dtype)
+    assert_same(original, table_to_record(record_to_table(original)))
+
+
+def test_pool_mirrors_to_shards_and_reloads(tmp_path):
+    pool = SyntheticPool(capacity=8)
+    pool.add(record(0))
+    pool.add(record(1, resolution=16))
+    pool.save(tmp_path)
+    pool.add(record(2))  # drops step 0
+    pool.save(tmp_path)
+    assert sorted(p.name for p in tmp_path.glob("*.parquet")) == ["shard-000000001.parquet",
+                                                                  "shard-000000002.parquet"]
+    assert not list(tmp_path.glob("*.tmp"))
+    loaded = SyntheticPool.load(tmp_path, capacity=8)
+    assert len(loaded) == len(pool)
+    for a, b in zip(pool.records, loaded.records):
+        assert_same(a, b)
