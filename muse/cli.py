@@ -55,7 +55,8 @@ def format_summary(summary: dict) -> str:
         ("method", summary["method"]),
         ("teacher", f"{summary['teacher']}  top-1 {summary['teacher_acc']:.2f}%"),
         ("student", f"{summary['student']}  top-1 {summary['student_acc']:.2f}% (final), "
-                    f"{summary['best_acc']:.2f}% (best, epoch {summary['best_epoch']})"),
+                    f"{summary['best_acc']:.2f}% (best, epoch {summary['best_epoch']})"
+                    if summary["student_acc"] is not None else f"{summary['student']}  not evaluated yet (warm-up)"),
         ("synthesised", ", ".join(f"{n} images @{r}px" for r, n in images.items())),
         ("wall time", f"{summary['wall_s']:.1f} s"),
     ]

@@ -163,6 +163,67 @@ class PoolConfig(Section):
     image_dtype: Literal["uint8", "float16"] = "uint8"
 
 
+class GeneratorsConfig(Section):
+    """The GeneratorActor pool: each actor holds a teacher, a generator and label embeddings."""
+
+    count: int = Field(1, ge=1, description="Number of GeneratorActors")
+    num_cpus: float = Field(1.0, ge=0, description="CPUs reserved per actor (fractions allowed, e.g. 0.25)")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs per actor; fractional shares one GPU, e.g. 0.25")
+    resources: dict[str, float] = Field(
+        default_factory=dict, description="Custom resources per actor, e.g. {generator_node: 1} to pin them")
+
+
+class TrainWorkersConfig(Section):
+    """The Ray Train workers that run the distillation step (DDP over the student)."""
+
+    count: int = Field(1, ge=0, description="Train workers; 0 runs the loop in the driver (Train local mode)")
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per Train worker")
+    use_gpu: bool = Field(False, description="One GPU per Train worker")
+    resources: dict[str, float] = Field(
+        default_factory=dict, description="Custom resources per Train worker, e.g. {trainer_node: 1}")
+    checkpoint_every: int = Field(1, ge=1, description="Report a checkpoint every this many epochs (and the last)")
+
+
+class FeedConfig(Section):
+    """The pull feed each Train worker uses to get synthetic batches from the generators."""
+
+    in_flight: int = Field(
+        2, ge=1,
+        description="generate() calls each Train worker keeps in flight (K); with W workers and N actors, "
+        "W·K ≥ N keeps every actor busy",
+    )
+    timeout_s: float = Field(600.0, gt=0, description="Longest wait for one batch before the feed gives up")
+
+
+class WeightsConfig(Section):
+    """Student weights from rank 0 to the generators (for L_adv / L_aed), and what to do with stale batches."""
+
+    push_interval: int = Field(10, ge=1, description="Rank 0 pushes the student every this many steps")
+    max_staleness: int = Field(
+        100, ge=0,
+        description="Most student steps a batch's weights may lag the current student before it counts as stale",
+    )
+    on_stale: Literal["use", "drop"] = Field(
+        "use", description="use: keep stale batches (they are counted); drop: discard them"
+    )
+
+
+class RayConfig(Section):
+    """How a run is placed on Ray (used by `orchestration/`; the single-process engine ignores it).
+    Versions count student optimizer steps: rank 0 pushes its weights with `version=steps` every
+    `weights.push_interval` steps, and a batch's staleness is `steps − batch.student_version`."""
+
+    address: str | None = Field(
+        None,
+        description="ray.init address: None joins the job's cluster when run under `ray job submit`, "
+        "else starts a local one; 'local' always starts a new local cluster; 'auto' or host:port joins one",
+    )
+    generators: GeneratorsConfig = Field(default_factory=GeneratorsConfig)
+    train: TrainWorkersConfig = Field(default_factory=TrainWorkersConfig)
+    feed: FeedConfig = Field(default_factory=FeedConfig)
+    weights: WeightsConfig = Field(default_factory=WeightsConfig)
+
+
 class RunConfig(Section):
     method: Literal["muse", "nayer"] = Field("muse", description="Preset applied under the file's values")
     seed: int = 0
@@ -178,6 +239,7 @@ class RunConfig(Section):
     synthesis: SynthesisConfig = Field(default_factory=SynthesisConfig)
     distill: DistillConfig = Field(default_factory=DistillConfig)
     pool: PoolConfig = Field(default_factory=PoolConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
 
     @property
     def teacher_checkpoint(self) -> Path:

@@ -4,6 +4,7 @@ pulls its projected embedding toward the class anchor (α_ed·L_ed, MUSE)."""
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -25,10 +26,14 @@ def cosine_schedule(total_steps: int):
 class Distiller:
     def __init__(self, cfg: RunConfig, student: StudentNet, teacher: nn.Module, embeddings: torch.Tensor,
                  mean: tuple[float, ...], std: tuple[float, ...], eval_resolution: int, total_steps: int,
-                 device: torch.device | str = "cpu") -> None:
+                 device: torch.device | str = "cpu",
+                 parallel: Callable[[nn.Module], nn.Module] | None = None) -> None:
         self.cfg = cfg
         self.device = torch.device(device)
         self.student = student.to(self.device)
+        # What the forward pass runs: the student itself, or a data-parallel wrapper of it (DDP); the
+        # bare student is what gets checkpointed and shipped to the generators.
+        self.model = parallel(self.student) if parallel is not None else self.student
         self.teacher = teacher.to(self.device).eval().requires_grad_(False)
         self.embeddings = embeddings.to(self.device)
         self.mean = torch.tensor(mean, device=self.device)
@@ -48,8 +53,8 @@ class Distiller:
         needs `student_input=resize`); returns the loss terms and the learning rate."""
         parts = [self._prepare(b) for b in (batches if isinstance(batches, list) else [batches])]
         student_inputs, teacher_logits, labels = (torch.cat(column) for column in zip(*parts))
-        self.student.train()
-        student_logits, embedding = self.student(student_inputs)
+        self.model.train()
+        student_logits, embedding = self.model(student_inputs)
         terms = {"kd": kd_loss(student_logits, teacher_logits, self.cfg.loss.tau)}
         if self.cfg.loss.ed > 0:
             terms["ed"] = embedding_distance_loss(embedding, self.embeddings, labels, self.cfg.loss.ed_radius)

@@ -54,6 +54,14 @@ class SynthesisTally:
         self.pixels[record.resolution] += record.pixels
         self.seconds += record.timings.get("synthesis_s", 0.0)
 
+    @classmethod
+    def from_dict(cls, saved: dict[str, Any]) -> SynthesisTally:
+        return cls(Counter({int(r): n for r, n in saved["images"].items()}),
+                   Counter({int(r): n for r, n in saved["pixels"].items()}), saved["synthesis_s"])
+
+    def merge(self, other: SynthesisTally) -> SynthesisTally:
+        return SynthesisTally(self.images + other.images, self.pixels + other.pixels, self.seconds + other.seconds)
+
     def as_dict(self) -> dict[str, Any]:
         return {"images": {str(k): v for k, v in sorted(self.images.items())},
                 "pixels": {str(k): v for k, v in sorted(self.pixels.items())},
@@ -138,21 +146,31 @@ def run_distillation(cfg: RunConfig, splits: ImageSplits | None = None, progress
 
 def finish_run(cfg: RunConfig, parts: RunParts, teacher_acc: float, history: list[dict[str, Any]],
                tally: SynthesisTally, wall_s: float) -> dict[str, Any]:
+    summary = build_summary(cfg, teacher_acc, history, tally, wall_s, parts.distiller.steps, parts.synthesizer.step)
+    save_outputs(cfg, summary, parts.student.state_dict())
+    parts.pool.save(cfg.pool_directory)
+    return summary
+
+
+def build_summary(cfg: RunConfig, teacher_acc: float, history: list[dict[str, Any]], tally: SynthesisTally,
+                  wall_s: float, kd_steps: int, episodes: int) -> dict[str, Any]:
+    """The run's summary: final and best accuracy, cost, per-epoch history, config."""
     accs = [h["student_acc"] for h in history]
-    summary = {
+    return {
         "method": cfg.method, "dataset": cfg.data.name, "teacher": cfg.teacher.arch, "student": cfg.student.arch,
         "teacher_acc": teacher_acc,
         "student_acc": accs[-1] if accs else None,
         "best_acc": max(accs) if accs else None,
         "best_epoch": history[int(np.argmax(accs))]["epoch"] if accs else None,
         "best_note": "best over epochs selects on the test split, as the DFKD literature reports it",
-        "wall_s": wall_s, "kd_steps": parts.distiller.steps, "synthesis_episodes": parts.synthesizer.step,
+        "wall_s": wall_s, "kd_steps": kd_steps, "synthesis_episodes": episodes,
         "synthesis": tally.as_dict(), "history": history, "config": cfg.model_dump(mode="json"),
     }
+
+
+def save_outputs(cfg: RunConfig, summary: dict[str, Any], student_state: dict[str, torch.Tensor]) -> None:
+    """`student.pt` (the StudentNet state; `backbone.*` keys are the plain timm model) and `summary.json`."""
     cfg.output_dir.mkdir(parents=True, exist_ok=True)
-    save_torch({"arch": cfg.student.arch, "state_dict": parts.student.state_dict(),
-                "backbone_state_dict": parts.student.backbone.state_dict(), "student_acc": summary["student_acc"]},
+    save_torch({"arch": cfg.student.arch, "state_dict": student_state, "student_acc": summary["student_acc"]},
                cfg.output_dir / "student.pt")
-    parts.pool.save(cfg.pool_directory)
     save_json(summary, cfg.output_dir / "summary.json")
-    return summary

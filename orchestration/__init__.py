@@ -1,7 +1,7 @@
 """The Ray layer of muse-ray: GeneratorActor × N → (pull feed) → Train workers, student weights back
 through the WeightStore. The method itself lives in `muse/` and never imports Ray."""
 
-from orchestration.config import OrchestrationConfig
+from muse.config import RayConfig
 from orchestration.feed import GenerationFeed
 from orchestration.generator_actor import GeneratorActor, create_generator_actors, wait_until_ready
 from orchestration.records import record_from_dict, record_to_dict
@@ -10,7 +10,7 @@ from orchestration.weight_store import StalenessPolicy, WeightStore, create_weig
 __all__ = [
     "GenerationFeed",
     "GeneratorActor",
-    "OrchestrationConfig",
+    "RayConfig",
     "StalenessPolicy",
     "WeightStore",
     "create_generator_actors",

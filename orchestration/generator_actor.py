@@ -154,7 +154,8 @@ class GeneratorActor:
 
 def create_generator_actors(cfg: RunConfig, count: int, num_cpus: float, num_gpus: float = 0.0,
                             weight_store: ActorHandle | str | None = None, dataset_info: DatasetInfo | None = None,
-                            scheduling_strategy: Any = None, first_index: int = 0) -> list[ActorHandle]:
+                            scheduling_strategy: Any = None, first_index: int = 0,
+                            resources: dict[str, float] | None = None) -> list[ActorHandle]:
     """Start `count` restartable GeneratorActors with indices first_index, first_index+1, ….
 
     The teacher checkpoint must exist (train it in the driver first). Pass the `DatasetInfo` to spare
@@ -168,6 +169,8 @@ def create_generator_actors(cfg: RunConfig, count: int, num_cpus: float, num_gpu
                                "max_task_retries": -1}
     if scheduling_strategy is not None:
         options["scheduling_strategy"] = scheduling_strategy
+    if resources:
+        options["resources"] = dict(resources)
     remote_class = ray.remote(GeneratorActor).options(**options)
     payload = cfg.model_dump(mode="json")
     info = info_to_dict(dataset_info) if dataset_info is not None else None

@@ -105,7 +105,7 @@ class StalenessPolicy:
 
     @classmethod
     def from_config(cls, cfg: Any) -> StalenessPolicy:
-        """From an `OrchestrationConfig.weights` section."""
+        """From an `RayConfig.weights` section."""
         return cls(cfg.max_staleness, cfg.on_stale)
 
     def admit(self, current_version: int, batch_version: int) -> bool:

@@ -8,19 +8,19 @@ import pytest
 from pydantic import ValidationError
 
 from muse.teacher import ensure_teacher
-from orchestration import OrchestrationConfig, StalenessPolicy, record_from_dict, record_to_dict, staleness
+from orchestration import RayConfig, StalenessPolicy, record_from_dict, record_to_dict, staleness
 from orchestration.generator_actor import GeneratorActor, info_to_dict
 
 from conftest import fast_digits_config
 
 
 def test_orchestration_config_defaults_and_validation():
-    cfg = OrchestrationConfig.model_validate({"generators": {"count": 4, "num_gpus": 0.25}, "feed": {"in_flight": 3}})
+    cfg = RayConfig.model_validate({"generators": {"count": 4, "num_gpus": 0.25}, "feed": {"in_flight": 3}})
     assert cfg.generators.count == 4 and cfg.feed.in_flight == 3 and cfg.weights.on_stale == "use"
     for bad in ({"feed": {"in_flight": 0}}, {"generators": {"num_gpus": -1}}, {"weights": {"on_stale": "skip"}},
                 {"feed": {"inflight": 2}}):
         with pytest.raises(ValidationError):
-            OrchestrationConfig.model_validate(bad)
+            RayConfig.model_validate(bad)
 
 
 def test_staleness_and_policy():
