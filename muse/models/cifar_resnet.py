@@ -7,12 +7,12 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from timm.layers import create_classifier, get_device_dtype
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from torch import nn
 
-__all__ = ["CifarResNet", "BasicBlock"]  # register_model appends each entrypoint
+from muse.models.head import PooledLinearClassifier, init_weights
+
+__all__ = ["CifarResNet", "BasicBlock", "cifar_cfg"]  # register_model appends each entrypoint
 
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2023, 0.1994, 0.2010)  # the values the CMI/Fast/NAYER code bases normalise with
@@ -48,7 +48,7 @@ def _make_stage(in_chs: int, out_chs: int, depth: int, stride: int) -> nn.Sequen
     return nn.Sequential(*blocks)
 
 
-class CifarResNet(nn.Module):
+class CifarResNet(PooledLinearClassifier):
     """ResNet with a CIFAR stem; `layers` gives the number of blocks per stage."""
 
     def __init__(
@@ -61,8 +61,6 @@ class CifarResNet(nn.Module):
         drop_rate: float = 0.0,
     ) -> None:
         super().__init__()
-        self.num_classes = num_classes
-        self.drop_rate = drop_rate
         self.conv1 = nn.Conv2d(in_chans, channels[0], 3, stride=1, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(channels[0])
         self.act1 = nn.ReLU(inplace=True)
@@ -70,24 +68,8 @@ class CifarResNet(nn.Module):
         self.layer2 = _make_stage(channels[0], channels[1], layers[1], stride=2)
         self.layer3 = _make_stage(channels[1], channels[2], layers[2], stride=2)
         self.layer4 = _make_stage(channels[2], channels[3], layers[3], stride=2)
-        self.num_features = channels[-1] * BasicBlock.expansion
-        self.global_pool, self.fc = create_classifier(self.num_features, num_classes, pool_type=global_pool)
-        self.head_hidden_size = self.num_features * self.global_pool.feat_mult()
-
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-
-    def get_classifier(self) -> nn.Module:
-        return self.fc
-
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        self.num_classes = num_classes
-        pool_type = self.global_pool.pool_type if global_pool is None else global_pool
-        self.global_pool, self.fc = create_classifier(
-            self.num_features, num_classes, pool_type=pool_type, **get_device_dtype(self)
-        )
-        self.head_hidden_size = self.num_features * self.global_pool.feat_mult()
+        self._init_head(channels[-1] * BasicBlock.expansion, num_classes, global_pool, drop_rate)
+        init_weights(self, zero_linear_bias=False)  # fc keeps torch's default init, bias included
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.act1(self.bn1(self.conv1(x)))
@@ -96,22 +78,14 @@ class CifarResNet(nn.Module):
         x = self.layer3(x)
         return self.layer4(x)
 
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = self.global_pool(x)
-        if self.drop_rate:
-            x = F.dropout(x, p=self.drop_rate, training=self.training)
-        return x if pre_logits else self.fc(x)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
-
-
-def _cfg(**kwargs: Any) -> dict[str, Any]:
+def cifar_cfg(**kwargs: Any) -> dict[str, Any]:
+    """timm pretrained cfg for a 32×32 CIFAR model with a `conv1` stem and an `fc` classifier; pass at
+    least `pool_size`, the feature map size at 32×32."""
     return {
         "url": "",
         "num_classes": 10,
         "input_size": (3, 32, 32),
-        "pool_size": (4, 4),
         "crop_pct": 1.0,
         "interpolation": "bilinear",
         "mean": CIFAR_MEAN,
@@ -123,8 +97,8 @@ def _cfg(**kwargs: Any) -> dict[str, Any]:
 
 
 default_cfgs = generate_default_cfgs({
-    "cifar_resnet18": _cfg(),
-    "cifar_resnet34": _cfg(),
+    "cifar_resnet18": cifar_cfg(pool_size=(4, 4)),
+    "cifar_resnet34": cifar_cfg(pool_size=(4, 4)),
 })
 
 

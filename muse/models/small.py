@@ -8,9 +8,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from timm.layers import SelectAdaptivePool2d, create_classifier, get_device_dtype
+from timm.layers import SelectAdaptivePool2d, get_device_dtype
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from torch import nn
+
+from muse.models.head import Classifier, PooledLinearClassifier, init_weights
 
 __all__ = ["DigitsCNN", "LeNet5"]  # register_model appends each entrypoint
 
@@ -28,15 +30,7 @@ def _conv_bn_relu(in_chs: int, out_chs: int, kernel_size: int = 3, stride: int =
     )
 
 
-def _init_weights(model: nn.Module) -> None:
-    for m in model.modules():
-        if isinstance(m, nn.Conv2d):
-            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-        elif isinstance(m, nn.Linear):
-            nn.init.zeros_(m.bias)
-
-
-class DigitsCNN(nn.Module):
+class DigitsCNN(PooledLinearClassifier):
     """Four 3×3 conv-BN-ReLU layers, the third with stride 2, then global average pool and a linear
     classifier. Works at any input size; a 16×16 input gives an 8×8 feature map."""
 
@@ -49,43 +43,19 @@ class DigitsCNN(nn.Module):
         drop_rate: float = 0.0,
     ) -> None:
         super().__init__()
-        self.num_classes = num_classes
-        self.drop_rate = drop_rate
         strides = (1, 1, 2, 1)
         chans = (in_chans, *widths)
         self.features = nn.Sequential(
             *[_conv_bn_relu(chans[i], chans[i + 1], stride=s) for i, s in enumerate(strides)]
         )
-        self.num_features = widths[-1]
-        self.global_pool, self.fc = create_classifier(self.num_features, num_classes, pool_type=global_pool)
-        self.head_hidden_size = self.num_features * self.global_pool.feat_mult()
-        _init_weights(self)
-
-    def get_classifier(self) -> nn.Module:
-        return self.fc
-
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        self.num_classes = num_classes
-        pool_type = self.global_pool.pool_type if global_pool is None else global_pool
-        self.global_pool, self.fc = create_classifier(
-            self.num_features, num_classes, pool_type=pool_type, **get_device_dtype(self)
-        )
-        self.head_hidden_size = self.num_features * self.global_pool.feat_mult()
+        self._init_head(widths[-1], num_classes, global_pool, drop_rate)
+        init_weights(self)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.features(x)
 
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = self.global_pool(x)
-        if self.drop_rate:
-            x = F.dropout(x, p=self.drop_rate, training=self.training)
-        return x if pre_logits else self.fc(x)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
-
-
-class LeNet5(nn.Module):
+class LeNet5(Classifier):
     """LeNet-5 as in DAFL: conv(5×5)-BN-ReLU-maxpool ×2, conv(5×5)-BN-ReLU, fc-ReLU, fc.
 
     Deviations from DAFL, for data-free distillation at several resolutions: BatchNorm after each conv,
@@ -119,7 +89,7 @@ class LeNet5(nn.Module):
         self.global_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=True)
         self.fc1 = nn.Linear(c3 * self.global_pool.feat_mult(), hidden)
         self.fc2 = nn.Linear(hidden, num_classes) if num_classes > 0 else nn.Identity()
-        _init_weights(self)
+        init_weights(self)
 
     def get_classifier(self) -> nn.Module:
         return self.fc2
@@ -141,9 +111,6 @@ class LeNet5(nn.Module):
         if self.drop_rate:
             x = F.dropout(x, p=self.drop_rate, training=self.training)
         return x if pre_logits else self.fc2(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
 
 
 def _cfg(**kwargs: Any) -> dict[str, Any]:

@@ -7,12 +7,11 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from timm.layers import create_classifier, get_device_dtype
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from torch import nn
 
-from muse.models.cifar_resnet import CIFAR_MEAN, CIFAR_STD
+from muse.models.cifar_resnet import cifar_cfg
+from muse.models.head import PooledLinearClassifier, init_weights
 
 __all__ = ["WideResNet", "WideBasicBlock"]  # register_model appends each entrypoint
 
@@ -46,7 +45,7 @@ def _make_stage(in_chs: int, out_chs: int, depth: int, stride: int, block_drop_r
     return nn.Sequential(*blocks)
 
 
-class WideResNet(nn.Module):
+class WideResNet(PooledLinearClassifier):
     """WRN-`depth`-`widen_factor`. `block_drop_rate` is the paper's dropout inside each block;
     `drop_rate` is timm's dropout before the classifier."""
 
@@ -65,34 +64,14 @@ class WideResNet(nn.Module):
             raise ValueError(f"WideResNet depth must be 6n + 4, got {depth}")
         n = (depth - 4) // 6
         chs = (16, 16 * widen_factor, 32 * widen_factor, 64 * widen_factor)
-        self.num_classes = num_classes
-        self.drop_rate = drop_rate
         self.conv1 = nn.Conv2d(in_chans, chs[0], 3, stride=1, padding=1, bias=False)
         self.block1 = _make_stage(chs[0], chs[1], n, 1, block_drop_rate)
         self.block2 = _make_stage(chs[1], chs[2], n, 2, block_drop_rate)
         self.block3 = _make_stage(chs[2], chs[3], n, 2, block_drop_rate)
         self.bn1 = nn.BatchNorm2d(chs[3])
         self.act = nn.ReLU(inplace=True)
-        self.num_features = chs[3]
-        self.global_pool, self.fc = create_classifier(self.num_features, num_classes, pool_type=global_pool)
-        self.head_hidden_size = self.num_features * self.global_pool.feat_mult()
-
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.Linear):
-                nn.init.zeros_(m.bias)
-
-    def get_classifier(self) -> nn.Module:
-        return self.fc
-
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        self.num_classes = num_classes
-        pool_type = self.global_pool.pool_type if global_pool is None else global_pool
-        self.global_pool, self.fc = create_classifier(
-            self.num_features, num_classes, pool_type=pool_type, **get_device_dtype(self)
-        )
-        self.head_hidden_size = self.num_features * self.global_pool.feat_mult()
+        self._init_head(chs[3], num_classes, global_pool, drop_rate)
+        init_weights(self)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.conv1(x)
@@ -101,35 +80,10 @@ class WideResNet(nn.Module):
         x = self.block3(x)
         return self.act(self.bn1(x))
 
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = self.global_pool(x)
-        if self.drop_rate:
-            x = F.dropout(x, p=self.drop_rate, training=self.training)
-        return x if pre_logits else self.fc(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
-
-
-def _cfg(**kwargs: Any) -> dict[str, Any]:
-    return {
-        "url": "",
-        "num_classes": 10,
-        "input_size": (3, 32, 32),
-        "pool_size": (8, 8),
-        "crop_pct": 1.0,
-        "interpolation": "bilinear",
-        "mean": CIFAR_MEAN,
-        "std": CIFAR_STD,
-        "first_conv": "conv1",
-        "classifier": "fc",
-        **kwargs,
-    }
-
 
 default_cfgs = generate_default_cfgs({
-    "wrn16_2": _cfg(),
-    "wrn40_2": _cfg(),
+    "wrn16_2": cifar_cfg(pool_size=(8, 8)),
+    "wrn40_2": cifar_cfg(pool_size=(8, 8)),
 })
 
 
