@@ -134,7 +134,7 @@ class ResolutionConfig(Section):
 
 class SynthesisConfig(Section):
     source: Literal["generator", "noise"] = Field(
-        "generator", description="noise: Gaussian-noise images, the floor baseline (same budget)"
+        "generator", description="noise: Gaussian noise, N(0,1) in the normalised input space (the floor baseline)"
     )
     batch_size: int = Field(100, ge=2, description="Images per synthesis episode")
     g_steps: int = Field(30, ge=1, description="Generator optimisation steps per episode")
@@ -181,7 +181,7 @@ class TrainWorkersConfig(Section):
     use_gpu: bool = Field(False, description="One GPU per Train worker")
     resources: dict[str, float] = Field(
         default_factory=dict, description="Custom resources per Train worker, e.g. {trainer_node: 1}")
-    checkpoint_every: int = Field(1, ge=1, description="Report a checkpoint every this many epochs (and the last)")
+    checkpoint_every: int = Field(5, ge=1, description="Report a checkpoint every this many epochs (and the last)")
 
 
 class FeedConfig(Section):

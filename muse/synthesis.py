@@ -110,8 +110,9 @@ class Synthesizer:
         cfg, weights = self.cfg.synthesis, self.cfg.loss
         labels = class_cycle(cfg.batch_size, self.num_classes, self.device)
         if cfg.source == "noise":
-            best_images = torch.randn(cfg.batch_size, self.in_chans, resolution, resolution,
-                                      generator=self.rng).to(self.device).mul(0.5).add(0.5).clamp(0, 1)
+            # N(0, 1) in the network's (normalised) input space, stored as an image in [0, 1].
+            noise = torch.randn(cfg.batch_size, self.in_chans, resolution, resolution, generator=self.rng)
+            best_images = (noise.to(self.device) * self.std.view(1, -1, 1, 1) + self.mean.view(1, -1, 1, 1)).clamp(0, 1)
             best_losses: dict[str, float] = {}
         else:
             use_student = adversarial and student is not None and (weights.adv > 0 or weights.aed > 0)
