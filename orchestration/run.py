@@ -23,6 +23,10 @@ from typing import Any
 if __package__ in (None, ""):  # `python orchestration/run.py`: make the repo root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+# Keep every Ray listener of a cluster we start on 127.0.0.1 (Ray reads this when it is imported).
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
 import ray
 import ray.train
 import torch
@@ -33,9 +37,12 @@ from muse.config import ConfigError, RunConfig, load_config, validate_config
 from muse.data import DatasetError, load_dataset
 from muse.engine import SynthesisTally, build_summary, resolve_device, save_outputs
 from muse.teacher import ensure_teacher
-from orchestration.generator_actor import create_generator_actors, info_to_dict, wait_until_ready
+from orchestration.generator_actor import create_generator_actors, wait_until_ready
 from orchestration.train_loop import STATE_FILE, train_loop_per_worker
 from orchestration.weight_store import create_weight_store
+
+# Ray Train V2 drops `resume_from_checkpoint` (it raises); it restores a run from this file in its folder.
+TRAIN_SNAPSHOT = "checkpoint_manager_snapshot.json"
 
 FLAG_OVERRIDES = {  # command-line flag → config field
     "generators": "ray.generators.count", "generator_cpus": "ray.generators.num_cpus",
@@ -92,7 +99,6 @@ def latest_checkpoint(run_dir: Path) -> ray.train.Checkpoint:
 
 def connect(cfg: RunConfig, num_cpus: int | None) -> bool:
     """Join the cluster named by ray.address or RAY_ADDRESS, else start a local one. True if we started it."""
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
     if address and address != "local":
         try:
@@ -113,6 +119,11 @@ def run(cfg: RunConfig, checkpoint: ray.train.Checkpoint | None = None,
     and write the summary. Ray must be initialised."""
     started = time.perf_counter()
     cfg = cfg.model_copy(update={"output_dir": cfg.output_dir.resolve()})
+    if checkpoint is None and (cfg.output_dir / TRAIN_SNAPSHOT).is_file():
+        # Ray Train restores a run from its output_dir's snapshot by itself: a fresh run there would
+        # silently continue the old one (with its weights and counters under the new config).
+        raise ConfigError(f"output_dir {str(cfg.output_dir)!r} holds an earlier run's checkpoints; continue it "
+                          "with --resume, or give a new output_dir")
     splits = load_dataset(cfg.data)
     ensure_teacher(cfg, splits, resolve_device("cpu" if cfg.device == "auto" else cfg.device))
     store_name = f"muse-weights-{uuid.uuid4().hex[:8]}"
@@ -126,12 +137,12 @@ def run(cfg: RunConfig, checkpoint: ray.train.Checkpoint | None = None,
         trainer = TorchTrainer(
             train_loop_per_worker,
             train_loop_config={"run": cfg.model_dump(mode="json"), "generators": actors,
-                               "weight_store": store_name, "stop_after_epoch": stop_after_epoch},
+                               "weight_store": store_name, "stop_after_epoch": stop_after_epoch,
+                               "resume_from": checkpoint},
             scaling_config=ray.train.ScalingConfig(
                 num_workers=t.count, use_gpu=t.use_gpu,
                 resources_per_worker={"CPU": t.cpus_per_worker, **t.resources}),
             run_config=ray.train.RunConfig(name=cfg.output_dir.name, storage_path=str(cfg.output_dir.parent)),
-            resume_from_checkpoint=checkpoint,
         )
         result = trainer.fit()
     finally:
@@ -153,6 +164,7 @@ def summarize(cfg: RunConfig, checkpoint: ray.train.Checkpoint, wall_s: float) -
     summary = build_summary(cfg, state["teacher_acc"], state["history"], tally, wall_s,
                             state["distiller"]["steps"], sum(r["episodes"] for r in ranks))
     summary |= {"epochs_done": state["epoch"], "checkpoint": checkpoint.path,
+                "loop_s": max(r["loop_s"] for r in ranks), "feed": [r["feed"] for r in ranks],
                 "ray": cfg.ray.model_dump(mode="json")}
     save_outputs(cfg, summary, state["distiller"]["student"])
     return summary

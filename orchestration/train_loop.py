@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -44,7 +45,8 @@ STATE_FILE = "state.pt"
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """Entry point of every Train worker. `loop_config`: run (RunConfig as JSON dict), generators
-    (actor handles), weight_store (actor name), stop_after_epoch (optional, for staged runs)."""
+    (actor handles), weight_store (actor name), stop_after_epoch (optional, for staged runs), resume_from
+    (optional Checkpoint)."""
     cfg = RunConfig.model_validate(loop_config["run"])
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
@@ -62,7 +64,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                           cfg.distill.epochs * cfg.distill.kd_steps, device,
                           parallel=ray.train.torch.prepare_model if world > 1 else None)
     pool = SyntheticPool(cfg.pool.capacity)
-    state = _restore(ray.train.get_checkpoint(), rank, distiller, pool, actors)
+    # This Train run's latest checkpoint (Ray Train restores it from output_dir's snapshot, and after a
+    # worker-group restart), else the one the driver was asked to resume from.
+    state = _restore(ray.train.get_checkpoint() or loop_config.get("resume_from"), rank, distiller, pool, actors)
     policy = StalenessPolicy.from_config(cfg.ray.weights)
     sample_rng = np.random.default_rng([cfg.seed, rank, state["epoch"]])
     total_epochs = cfg.synthesis.warmup + cfg.distill.epochs
@@ -107,15 +111,19 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                                              "synthesis_loss": record.losses if record else {},
                                              "pool": len(pool)})
             feed_metrics = feed.metrics()
-            metrics |= {"episodes": state["episodes"], "epoch_s": time.perf_counter() - started,
+            epoch_s = time.perf_counter() - started
+            state["loop_s"] += epoch_s
+            metrics |= {"episodes": state["episodes"], "epoch_s": epoch_s,
                         "feed_wait_s": feed_metrics["wait_s"], "actor_failures": feed_metrics["actor_failures"],
                         **{f"staleness_{k}": v for k, v in policy.metrics().items()},
                         "teacher_acc": teacher_acc if teacher_acc is not None else float("nan")}
             if rank == 0:
                 accuracy_text = f" student {metrics['student_acc']:.2f}%" if "student_acc" in metrics else ""
-                print(f"[muse] epoch {epoch + 1}/{total_epochs} {metrics['phase']}: pool {len(pool)}, "
-                      f"kd steps {distiller.steps},{accuracy_text} feed wait {metrics['feed_wait_s']:.1f}s, "
-                      f"{metrics['epoch_s']:.1f}s", flush=True)
+                # Not print(): Ray Train patches it to log and echo, which shows every line twice.
+                sys.stdout.write(f"[muse] epoch {epoch + 1}/{total_epochs} {metrics['phase']}: pool {len(pool)}, "
+                                 f"kd steps {distiller.steps},{accuracy_text} feed wait "
+                                 f"{metrics['feed_wait_s']:.1f}s, {metrics['epoch_s']:.1f}s\n")
+                sys.stdout.flush()
             last = epoch == total_epochs - 1 or epoch == stop_after
             state["epoch"] = epoch + 1
             if last or (epoch + 1) % cfg.ray.train.checkpoint_every == 0:
@@ -141,7 +149,8 @@ def _report_with_checkpoint(metrics: dict[str, Any], cfg: RunConfig, rank: int, 
         pool.save(directory / f"pool-rank{rank}")
         (directory / f"rank{rank}.json").write_text(json.dumps(
             {"issued": feed.issued, "start_episode": feed.start_episode, "world_size": feed.world_size,
-             "episodes": state["episodes"], "tally": state["tally"].as_dict()}))
+             "episodes": state["episodes"], "tally": state["tally"].as_dict(), "loop_s": state["loop_s"],
+             "feed": feed.metrics()}))
         if rank == 0:
             generator_states = ray.get([actor.get_state.remote() for actor in actors])
             torch.save({
@@ -156,7 +165,7 @@ def _report_with_checkpoint(metrics: dict[str, Any], cfg: RunConfig, rank: int, 
 def _restore(checkpoint: ray.train.Checkpoint | None, rank: int, distiller: Distiller, pool: SyntheticPool,
              actors: list[ActorHandle]) -> dict[str, Any]:
     """Counters for a fresh run, or everything loaded back from `checkpoint`."""
-    state: dict[str, Any] = {"epoch": 0, "episodes": 0, "next_episode": 0, "history": [],
+    state: dict[str, Any] = {"epoch": 0, "episodes": 0, "next_episode": 0, "history": [], "loop_s": 0.0,
                              "tally": SynthesisTally()}
     if checkpoint is None:
         return state
@@ -168,13 +177,14 @@ def _restore(checkpoint: ray.train.Checkpoint | None, rank: int, distiller: Dist
         ranks = {p.stem: json.loads(p.read_text()) for p in directory.glob("rank*.json")}
         # Episode numbers name pool shards: continue past every number any rank handed out, consumed or not.
         state["next_episode"] = max(r["start_episode"] + r["issued"] * r["world_size"] for r in ranks.values())
-        mine = ranks.get(f"rank{rank}", {"episodes": 0, "tally": SynthesisTally().as_dict()})
+        mine = ranks.get(f"rank{rank}", {"episodes": 0, "tally": SynthesisTally().as_dict(), "loop_s": 0.0})
         shards = directory / f"pool-rank{rank}"
         if shards.is_dir():
             for record in SyntheticPool.load(shards, pool.capacity).records:
                 pool.add(record)
         if rank == 0:
             ray.get([actor.set_state.remote(s) for actor, s in zip(actors, saved["generators"])])
-        state |= {"epoch": saved["epoch"], "episodes": mine["episodes"], "history": saved["history"],
+        state |= {"epoch": saved["epoch"], "episodes": mine["episodes"], "loop_s": mine["loop_s"],
+                  "history": saved["history"],
                   "tally": SynthesisTally.from_dict(mine["tally"])}
     return state

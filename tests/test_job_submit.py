@@ -1,0 +1,168 @@
+"""`orchestration/run.py` as a Ray job: a real head started with `ray start --head`, the repo shipped
+with `ray job submit --working-dir`, the driver joining the job's cluster (not a new local one).
+
+Token authentication (Ray 2.59+): a head started while `RAY_AUTH_MODE` is unset turns it on by itself
+when a token exists (`~/.ray/auth_token`), but the job client does not: without `RAY_AUTH_MODE=token`
+in its environment `ray job submit` fails with "Authentication required: Unauthorized: Missing
+authentication token ... RAY_AUTH_MODE is currently 'disabled'". With it, the client reads the token
+from ~/.ray/auth_token (or `RAY_AUTH_TOKEN` / `RAY_AUTH_TOKEN_PATH`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from muse.teacher import ensure_teacher
+
+from conftest import FAST_DIGITS, fast_digits_config
+
+BIN = Path(sys.executable).parent
+RAY_CLI = BIN / "ray"
+REPO = Path(__file__).resolve().parents[1]
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not RAY_CLI.is_file(),
+                       reason=f"no `ray` CLI next to {sys.executable} (pip install 'ray[default]')"),
+]
+
+TINY = ["ray.generators.num_cpus=0.5", "ray.train.cpus_per_worker=0.5", "synthesis.warmup=1",
+        "synthesis.gwp_loops=2", "distill.epochs=1", "distill.kd_steps=10"]
+# What the upload must leave out (`ray job submit` honours .gitignore too): run outputs, weights, venvs.
+EXCLUDES = ["runs/", "*.pt", ".git/", ".venv/", "venv/", "__pycache__/", ".pytest_cache/"]
+JOB_TIMEOUT_S = 300
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ray_env(**extra: str) -> dict[str, str]:
+    """This environment with the venv's `python` and `ray` first on PATH and no RAY_ADDRESS."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+    return env | {"RAY_USAGE_STATS_ENABLED": "0"} | extra
+
+
+def session_members(sid: int) -> list[int]:
+    """PIDs still in the session `ray start` led (its workers get process groups of their own)."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if os.getsid(int(entry)) == sid:
+                    pids.append(int(entry))
+            except OSError:  # gone meanwhile
+                pass
+    return pids
+
+
+def stop_head(head: subprocess.Popen) -> None:
+    """SIGTERM the process group we started, SIGKILL what lingers; never `ray stop` (it stops every
+    Ray cluster on the machine)."""
+    try:
+        os.killpg(head.pid, signal.SIGTERM)
+        head.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(head.pid, signal.SIGKILL)
+        head.wait(timeout=10)
+    except ProcessLookupError:
+        pass
+    deadline = time.monotonic() + 10
+    while session_members(head.pid) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    for pid in session_members(head.pid):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def wait_for_dashboard(url: str, head: subprocess.Popen, log: Path, timeout_s: float = 90) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if head.poll() is not None:
+            pytest.fail(f"`ray start --head` exited with {head.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            urllib.request.urlopen(f"{url}/api/version", timeout=2)
+            return
+        except urllib.error.HTTPError:  # 401 without a token: the dashboard is serving
+            return
+        except OSError:
+            time.sleep(0.5)
+    pytest.fail(f"no dashboard at {url} after {timeout_s}s:\n{log.read_text()[-3000:]}")
+
+
+@pytest.fixture(scope="module")
+def head(tmp_path_factory):
+    """A head node of our own on loopback; yields (dashboard URL, GCS address)."""
+    logs = tmp_path_factory.mktemp("head")
+    ray_tmp = tempfile.mkdtemp(prefix="muse-ray-", dir="/tmp")  # short: socket paths
+    gcs_port, dashboard_port = free_port(), free_port()
+    env = ray_env(
+        # Its ray_current_cluster file (where Ray Train's placement-group cleaner looks for its cluster)
+        # stays in a folder of ours, away from other clusters on this machine.
+        RAY_TMPDIR=ray_tmp,
+        # Keep --node-ip-address=127.0.0.1: otherwise Ray swaps it for the machine's IP.
+        RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
+        RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0",  # SIGTERM stops it at once (default: drain 30 s)
+        RAY_TRAIN_ENABLE_PREEMPTION_WATCHER="0", RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="0.5",
+    )
+    command = [str(RAY_CLI), "start", "--head", f"--port={gcs_port}", "--node-ip-address=127.0.0.1",
+               "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
+               f"--dashboard-agent-listen-port={free_port()}", f"--ray-client-server-port={free_port()}",
+               "--num-cpus=2", "--disable-usage-stats", "--block"]
+    log = logs / "head.log"
+    with log.open("w") as out:
+        head = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    try:
+        url = f"http://127.0.0.1:{dashboard_port}"
+        wait_for_dashboard(url, head, log)
+        yield url, f"127.0.0.1:{gcs_port}"
+    finally:
+        stop_head(head)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def test_run_py_as_a_ray_job(head, tmp_path, teacher_dir, digits_splits):
+    url, gcs_address = head
+    teacher = fast_digits_config(tmp_path, teacher_dir)
+    ensure_teacher(teacher, digits_splits)  # trained once here; the job only loads it
+    out_dir = tmp_path / "run"
+    overrides = [*FAST_DIGITS, *TINY, f"output_dir={out_dir}", f"teacher.checkpoint={teacher.teacher_checkpoint}"]
+    submit = [str(RAY_CLI), "job", "submit", "--address", url, "--working-dir", str(REPO),
+              "--runtime-env-json", json.dumps({"excludes": EXCLUDES}),
+              "--", "python", "orchestration/run.py", "--config", "digits", *overrides]
+
+    # The client must be told to send the token: see the module docstring.
+    job = subprocess.run(submit, env=ray_env(RAY_AUTH_MODE="token"), capture_output=True, text=True,
+                         timeout=JOB_TIMEOUT_S)
+    output = job.stdout + job.stderr
+    assert job.returncode == 0, output[-5000:]
+
+    # The driver joined the head's cluster (RAY_ADDRESS set by the job), it did not start its own.
+    assert f"Connecting to existing Ray cluster at address: {gcs_address}" in output, output[-5000:]
+    assert "Started a local Ray instance" not in output
+    # The summary table and where the summary went
+    assert re.search(r"^student\s+digits_cnn_half\s+top-1 \d+\.\d\d% \(final\)", output, re.MULTILINE), output[-3000:]
+    assert re.search(r"^synthesised\s+\d+ images @", output, re.MULTILINE)
+    assert f"summary: {out_dir / 'summary.json'}" in output
+    summary = json.loads((out_dir / "summary.json").read_text())
+    assert summary["epochs_done"] == 2 and summary["kd_steps"] == 10
+    assert (out_dir / "student.pt").is_file()
