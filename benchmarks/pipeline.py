@@ -5,8 +5,8 @@
 Same work in every mode: the synthesis episodes and KD steps of one (small) digits run, same models.
 - sequential: the single-process engine (`muse.engine.run_distillation`), loop time only;
 - generate_only: the same episodes, nothing else; distill_only: the same KD steps on a filled pool;
-- pipeline N: `orchestration.run` with N generator actors and one Train worker, loop time only
-  (cluster and actor start-up excluded, reported apart).
+- pipeline N: `orchestration.run` with N generator actors and one Train worker, from the first epoch
+  to the last (reports and checkpoints included; cluster, actor and worker start-up reported apart).
 overlap_efficiency = max(generate_only, distill_only) / pipeline (1.0: perfect overlap);
 feed_overhead = share of the generators' wall time not spent synthesising (weight pulls, transfer,
 waiting for the trainer); object_store_peak_mb is sampled while the pipeline runs.
@@ -33,6 +33,7 @@ from muse.config import RunConfig, load_config
 from muse.data import load_dataset
 from muse.engine import build_run, draw_batch, run_distillation
 from muse.io import save_json
+from muse.teacher import ensure_teacher
 from orchestration.run import run as run_pipeline
 
 WORK = ["synthesis.warmup=1", "synthesis.gwp_loops=4", "synthesis.g_loops=2", "distill.epochs=6",
@@ -112,6 +113,7 @@ def main() -> None:
     base = [*WORK, *device, f"teacher.checkpoint={out / 'teacher.pt'}", *args.overrides]
     cfg = load_config(args.config, [*base, f"output_dir={out / 'sequential'}"])
     splits = load_dataset(cfg.data)
+    ensure_teacher(cfg, splits)  # trained once, outside every timed mode
 
     sequential = run_distillation(cfg, splits, progress=False)
     evals = len(sequential["history"])

@@ -79,6 +79,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                           start_episode=state["next_episode"], epoch=state["epoch"],
                           adversarial=state["epoch"] >= cfg.synthesis.warmup)
     record = None
+    loop_origin = time.perf_counter() - state["loop_s"]  # loop time counts reports and checkpoints too
     try:
         for epoch in range(state["epoch"], total_epochs):
             started = time.perf_counter()
@@ -112,7 +113,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                                              "pool": len(pool)})
             feed_metrics = feed.metrics()
             epoch_s = time.perf_counter() - started
-            state["loop_s"] += epoch_s
+            state["loop_s"] = time.perf_counter() - loop_origin
             metrics |= {"episodes": state["episodes"], "epoch_s": epoch_s,
                         "feed_wait_s": feed_metrics["wait_s"], "actor_failures": feed_metrics["actor_failures"],
                         **{f"staleness_{k}": v for k, v in policy.metrics().items()},
