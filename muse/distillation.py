@@ -50,7 +50,7 @@ class Distiller:
 
     def step(self, batches: PoolBatch | list[PoolBatch]) -> dict[str, float]:
         """One SGD step on a pool batch (or a mixed-resolution batch, one part per resolution, which
-        needs `student_input=resize`); returns the loss terms and the learning rate."""
+        needs `student_input=resize`); returns the loss terms."""
         parts = [self._prepare(b) for b in (batches if isinstance(batches, list) else [batches])]
         student_inputs, teacher_logits, labels = (torch.cat(column) for column in zip(*parts))
         self.model.train()
@@ -64,7 +64,11 @@ class Distiller:
         self.optimizer.step()
         self.scheduler.step()
         self.steps += 1
-        return {name: value.item() for name, value in terms.items()} | {"lr": self.scheduler.get_last_lr()[0]}
+        return {name: value.item() for name, value in terms.items()}
+
+    @property
+    def lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
 
     def _prepare(self, batch: PoolBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Student input, teacher logits and labels for one single-resolution batch."""

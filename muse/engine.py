@@ -138,7 +138,8 @@ def run_distillation(cfg: RunConfig, splits: ImageSplits | None = None, progress
         for _ in range(cfg.distill.kd_steps):
             losses = parts.distiller.step(draw_batch(parts.pool, cfg, sample_rng))
         student_acc = accuracy(parts.student.backbone, parts.splits.test, cfg.data.eval_batch_size, parts.device)
-        history.append({"epoch": epoch, "student_acc": student_acc, **{f"loss_{k}": v for k, v in losses.items()},
+        history.append({"epoch": epoch, "student_acc": student_acc, "lr": parts.distiller.lr,
+                        **{f"loss_{k}": v for k, v in losses.items()},
                         "synthesis_loss": record.losses, "pool": len(parts.pool)})
         bar.set_postfix(acc=f"{student_acc:.2f}", best=f"{max(h['student_acc'] for h in history):.2f}")
     return finish_run(cfg, parts, teacher_acc, history, tally, time.perf_counter() - started)

@@ -102,12 +102,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                     losses = distiller.step(draw_batch(pool, cfg, sample_rng))
                     if rank == 0 and distiller.steps % cfg.ray.weights.push_interval == 0:
                         _push(weight_store, distiller)
-                metrics |= {f"loss_{k}": v for k, v in losses.items()}
+                metrics |= {f"loss_{k}": v for k, v in losses.items()} | {"lr": distiller.lr}
                 metrics["kd_steps"] = distiller.steps
                 if rank == 0:
                     metrics["student_acc"] = accuracy(distiller.student.backbone, splits.test,
                                                       cfg.data.eval_batch_size, device)
-                    state["history"].append({"epoch": epoch, "student_acc": metrics["student_acc"],
+                    state["history"].append({"epoch": epoch, "student_acc": metrics["student_acc"], "lr": distiller.lr,
                                              **{f"loss_{k}": v for k, v in losses.items()},
                                              "synthesis_loss": record.losses if record else {},
                                              "pool": len(pool)})
