@@ -43,6 +43,9 @@ def main(argv: list[str] | None = None) -> int:
             summary = run_distillation(cfg)
             print(format_summary(summary))
             print(f"summary: {cfg.output_dir / 'summary.json'}")
+            if cfg.tracking.enabled and cfg.tracking.uri is None:
+                store = (cfg.output_dir / "mlflow.db").resolve()
+                print(f"mlflow: mlflow ui --backend-store-uri sqlite:///{store} --host 127.0.0.1")
     except (ConfigError, DatasetError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -224,6 +224,15 @@ class RayConfig(Section):
     weights: WeightsConfig = Field(default_factory=WeightsConfig)
 
 
+class TrackingConfig(Section):
+    """MLflow tracking of the run (params, per-epoch metrics, artifacts)."""
+
+    enabled: bool = Field(True, description="Log the run to MLflow")
+    uri: str | None = Field(None, description="Tracking URI; default sqlite:///<output_dir>/mlflow.db")
+    experiment: str = Field("muse", min_length=1, description="MLflow experiment name")
+    required: bool = Field(True, description="false: an unreachable store only warns and the run goes on untracked")
+
+
 class RunConfig(Section):
     method: Literal["muse", "nayer"] = Field("muse", description="Preset applied under the file's values")
     seed: int = 0
@@ -240,6 +249,7 @@ class RunConfig(Section):
     distill: DistillConfig = Field(default_factory=DistillConfig)
     pool: PoolConfig = Field(default_factory=PoolConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
     @property
     def teacher_checkpoint(self) -> Path:

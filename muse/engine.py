@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import yaml
 from tqdm import tqdm
 
 from muse.config import RunConfig
@@ -21,12 +22,13 @@ from muse.data import ImageSplits, load_dataset
 from muse.distillation import Distiller
 from muse.embeddings import label_embeddings
 from muse.evaluate import accuracy
-from muse.io import save_json, save_torch
+from muse.io import atomic_write, save_json, save_torch
 from muse.pool import PoolBatch, SyntheticPool
 from muse.schedules import ResolutionSchedule
 from muse.student import StudentNet
 from muse.synthesis import SynthesisRecord, Synthesizer
 from muse.teacher import ensure_teacher
+from muse.tracking import NullTracker, create_tracker
 
 
 def resolve_device(name: str) -> torch.device:
@@ -120,6 +122,23 @@ def run_distillation(cfg: RunConfig, splits: ImageSplits | None = None, progress
     tally, history = SynthesisTally(), []
     sample_rng = np.random.default_rng(cfg.seed)
     total_epochs = cfg.synthesis.warmup + cfg.distill.epochs
+    tracker = create_tracker(cfg)
+    try:
+        _epochs(cfg, parts, tracker, tally, history, sample_rng, total_epochs, progress)
+        summary = finish_run(cfg, parts, teacher_acc, history, tally, time.perf_counter() - started)
+    except BaseException:
+        tracker.finish([], status="FAILED")
+        raise
+    tracker.log_epoch(total_epochs, {"final_student_acc": summary["student_acc"] or 0.0,
+                                     "best_student_acc": summary["best_acc"] or 0.0, "teacher_acc": teacher_acc,
+                                     "wall_s": summary["wall_s"]})
+    tracker.finish([cfg.output_dir / name for name in ("summary.json", "student.pt", "config.yaml")])
+    return summary
+
+
+def _epochs(cfg: RunConfig, parts: RunParts, tracker: NullTracker, tally: SynthesisTally,
+            history: list[dict[str, Any]], sample_rng: np.random.Generator, total_epochs: int,
+            progress: bool) -> None:
     bar = tqdm(range(total_epochs), desc=f"{cfg.method} distill", unit="epoch", disable=not progress,
                dynamic_ncols=True)
     for epoch in bar:
@@ -142,7 +161,26 @@ def run_distillation(cfg: RunConfig, splits: ImageSplits | None = None, progress
                         **{f"loss_{k}": v for k, v in losses.items()},
                         "synthesis_loss": record.losses, "pool": len(parts.pool)})
         bar.set_postfix(acc=f"{student_acc:.2f}", best=f"{max(h['student_acc'] for h in history):.2f}")
-    return finish_run(cfg, parts, teacher_acc, history, tally, time.perf_counter() - started)
+        tracker.log_epoch(epoch, epoch_metrics(history[-1], tally))
+        tracker.log_image_grids(epoch, latest_images(parts.pool))
+
+
+def epoch_metrics(entry: dict[str, Any], tally: SynthesisTally) -> dict[str, float]:
+    """What a tracker logs per evaluation: accuracy, losses, and images/pixels synthesised per resolution."""
+    metrics = {k: v for k, v in entry.items() if k != "synthesis_loss" and k != "epoch"}
+    metrics |= {f"synthesis_{k}": v for k, v in entry["synthesis_loss"].items()}
+    metrics |= {f"images_{r}px": n for r, n in tally.images.items()}
+    metrics |= {f"pixels_{r}px": n for r, n in tally.pixels.items()}
+    metrics["synthesis_s"] = tally.seconds
+    return metrics
+
+
+def latest_images(pool: SyntheticPool) -> dict[int, np.ndarray]:
+    """The newest synthetic batch of each resolution in the pool."""
+    latest: dict[int, np.ndarray] = {}
+    for record in pool.records:
+        latest[record.resolution] = record.images
+    return dict(sorted(latest.items()))
 
 
 def finish_run(cfg: RunConfig, parts: RunParts, teacher_acc: float, history: list[dict[str, Any]],
@@ -175,3 +213,5 @@ def save_outputs(cfg: RunConfig, summary: dict[str, Any], student_state: dict[st
     save_torch({"arch": cfg.student.arch, "state_dict": student_state, "student_acc": summary["student_acc"]},
                cfg.output_dir / "student.pt")
     save_json(summary, cfg.output_dir / "summary.json")
+    atomic_write(cfg.output_dir / "config.yaml",
+                 lambda tmp: tmp.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)))

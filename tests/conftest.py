@@ -16,7 +16,7 @@ SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 FAST_DIGITS = [
     "teacher.epochs=8", "generator.ngf=16", "generator.noise_dim=64", "synthesis.batch_size=50",
     "synthesis.g_steps=10", "synthesis.warmup=2", "synthesis.gwp_loops=3", "synthesis.g_loops=1",
-    "distill.epochs=10", "distill.kd_steps=30", "distill.batch_size=64",
+    "distill.epochs=10", "distill.kd_steps=30", "tracking.enabled=false", "distill.batch_size=64",
 ]
 
 
