@@ -27,6 +27,7 @@ if __package__ in (None, ""):  # `python orchestration/run.py`: make the repo ro
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
+import numpy as np
 import ray
 import ray.train
 import torch
@@ -35,7 +36,9 @@ from ray.train.torch import TorchTrainer
 from muse.cli import format_summary
 from muse.config import ConfigError, RunConfig, load_config, validate_config
 from muse.data import DatasetError, load_dataset
-from muse.engine import SynthesisTally, build_summary, resolve_device, save_outputs
+from muse.engine import SynthesisTally, build_summary, latest_images, resolve_device, save_outputs
+from muse.pool import SyntheticPool
+from muse.tracking import create_tracker
 from muse.teacher import ensure_teacher
 from orchestration.generator_actor import create_generator_actors, wait_until_ready
 from orchestration.train_loop import STATE_FILE, train_loop_per_worker
@@ -126,6 +129,7 @@ def run(cfg: RunConfig, checkpoint: ray.train.Checkpoint | None = None,
                           "with --resume, or give a new output_dir")
     splits = load_dataset(cfg.data)
     ensure_teacher(cfg, splits, resolve_device("cpu" if cfg.device == "auto" else cfg.device))
+    tracker = create_tracker(cfg)  # an unreachable tracking server fails here, before any work
     store_name = f"muse-weights-{uuid.uuid4().hex[:8]}"
     store = create_weight_store(store_name)
     g = cfg.ray.generators
@@ -149,15 +153,28 @@ def run(cfg: RunConfig, checkpoint: ray.train.Checkpoint | None = None,
         for actor in [*actors, store]:
             ray.kill(actor)
     if result.error is not None:
+        tracker.finish([], status="FAILED")
         raise RuntimeError(f"distillation failed: {result.error}") from result.error
-    return summarize(cfg, result.checkpoint, time.perf_counter() - started)
+    summary, images = summarize(cfg, result.checkpoint, time.perf_counter() - started)
+    # Logged from the driver, after the fact, with each epoch as the step: one writer, no worker setup.
+    for entry in summary["history"]:
+        tracker.log_epoch(entry["epoch"], {k: v for k, v in entry.items() if k not in ("epoch", "synthesis_loss")}
+                          | {f"synthesis_{k}": v for k, v in entry["synthesis_loss"].items()})
+    if summary["history"]:
+        tracker.log_image_grids(summary["history"][-1]["epoch"], images)
+    tracker.finish([cfg.output_dir / name for name in ("summary.json", "student.pt", "config.yaml")])
+    return summary
 
 
-def summarize(cfg: RunConfig, checkpoint: ray.train.Checkpoint, wall_s: float) -> dict[str, Any]:
+def summarize(cfg: RunConfig, checkpoint: ray.train.Checkpoint,
+              wall_s: float) -> tuple[dict[str, Any], dict[int, np.ndarray]]:
+    """The run's summary (written with the student to output_dir) and rank 0's newest synthetic batch
+    per resolution, both read from the final checkpoint."""
     with checkpoint.as_directory() as tmp:
         directory = Path(tmp)
         state = torch.load(directory / STATE_FILE, map_location="cpu", weights_only=True)
         ranks = [json.loads(p.read_text()) for p in sorted(directory.glob("rank*.json"))]
+        images = latest_images(SyntheticPool.load(directory / "pool-rank0", cfg.pool.capacity))
     tally = SynthesisTally()
     for rank in ranks:
         tally = tally.merge(SynthesisTally.from_dict(rank["tally"]))
@@ -167,7 +184,7 @@ def summarize(cfg: RunConfig, checkpoint: ray.train.Checkpoint, wall_s: float) -
                 "loop_s": max(r["loop_s"] for r in ranks), "feed": [r["feed"] for r in ranks],
                 "ray": cfg.ray.model_dump(mode="json")}
     save_outputs(cfg, summary, state["distiller"]["student"])
-    return summary
+    return summary, images
 
 
 def _as_overrides(cfg: RunConfig) -> list[str]:

@@ -9,6 +9,7 @@ import tempfile
 
 import pytest
 import ray
+from mlflow.tracking import MlflowClient
 from ray.cluster_utils import Cluster
 from ray.util.state import list_actors
 
@@ -61,7 +62,7 @@ def two_nodes():
 
 def test_generators_and_train_worker_run_on_different_nodes(two_nodes, tmp_path, teacher_dir, digits_splits):
     cluster, trainer_node, generator_node = two_nodes
-    cfg = fast_digits_config(tmp_path / "two-nodes", teacher_dir, *PLACEMENT, *TINY)
+    cfg = fast_digits_config(tmp_path / "two-nodes", teacher_dir, *PLACEMENT, *TINY, "tracking.enabled=true")
     ensure_teacher(cfg, digits_splits)  # on the shared file system: every node reads the same file
 
     summary = run(cfg)
@@ -72,6 +73,15 @@ def test_generators_and_train_worker_run_on_different_nodes(two_nodes, tmp_path,
     assert summary["synthesis_episodes"] == episodes
     assert summary["synthesis"]["total_images"] == episodes * cfg.synthesis.batch_size
     assert (cfg.output_dir / "summary.json").is_file()
+
+    # The driver logged the run to the embedded MLflow store: params, per-epoch accuracy, image grids.
+    client = MlflowClient(f"sqlite:///{cfg.output_dir / 'mlflow.db'}")
+    [tracked] = client.search_runs([client.get_experiment_by_name("muse").experiment_id])
+    assert tracked.data.params["ray.generators.count"] == str(cfg.ray.generators.count)
+    history = client.get_metric_history(tracked.info.run_id, "student_acc")
+    assert [m.value for m in history] == pytest.approx([h["student_acc"] for h in summary["history"]])
+    grids = {a.path for a in client.list_artifacts(tracked.info.run_id, "images")}
+    assert {f"images/epoch{summary['history'][-1]['epoch']:04d}-{r}px.png" for r in summary["synthesis"]["images"]} <= grids
 
     # The state API keeps finished actors with the node they ran on.
     def nodes_of(class_name: str) -> list[str]:
