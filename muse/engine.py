@@ -132,7 +132,7 @@ def run_distillation(cfg: RunConfig, splits: ImageSplits | None = None, progress
     tracker.log_epoch(total_epochs, {"final_student_acc": summary["student_acc"] or 0.0,
                                      "best_student_acc": summary["best_acc"] or 0.0, "teacher_acc": teacher_acc,
                                      "wall_s": summary["wall_s"]})
-    tracker.finish([cfg.output_dir / name for name in ("summary.json", "student.pt", "config.yaml")])
+    tracker.finish([cfg.output_dir / name for name in OUTPUT_FILES])
     return summary
 
 
@@ -141,6 +141,7 @@ def _epochs(cfg: RunConfig, parts: RunParts, tracker: NullTracker, tally: Synthe
             progress: bool) -> None:
     bar = tqdm(range(total_epochs), desc=f"{cfg.method} distill", unit="epoch", disable=not progress,
                dynamic_ncols=True)
+    record: SynthesisRecord | None = None
     for epoch in bar:
         parts.synthesizer.maybe_rebuild(epoch)
         warming_up = epoch < cfg.synthesis.warmup
@@ -159,16 +160,21 @@ def _epochs(cfg: RunConfig, parts: RunParts, tracker: NullTracker, tally: Synthe
         student_acc = accuracy(parts.student.backbone, parts.splits.test, cfg.data.eval_batch_size, parts.device)
         history.append({"epoch": epoch, "student_acc": student_acc, "lr": parts.distiller.lr,
                         **{f"loss_{k}": v for k, v in losses.items()},
-                        "synthesis_loss": record.losses, "pool": len(parts.pool)})
+                        "synthesis_loss": record.losses if record else {}, "pool": len(parts.pool)})
         bar.set_postfix(acc=f"{student_acc:.2f}", best=f"{max(h['student_acc'] for h in history):.2f}")
         tracker.log_epoch(epoch, epoch_metrics(history[-1], tally))
         tracker.log_image_grids(epoch, latest_images(parts.pool))
 
 
+def history_metrics(entry: dict[str, Any]) -> dict[str, float]:
+    """One history entry as flat metrics: accuracy, learning rate, loss terms, synthesis loss terms."""
+    metrics = {k: v for k, v in entry.items() if k not in ("epoch", "synthesis_loss")}
+    return metrics | {f"synthesis_{k}": v for k, v in entry["synthesis_loss"].items()}
+
+
 def epoch_metrics(entry: dict[str, Any], tally: SynthesisTally) -> dict[str, float]:
-    """What a tracker logs per evaluation: accuracy, losses, and images/pixels synthesised per resolution."""
-    metrics = {k: v for k, v in entry.items() if k != "synthesis_loss" and k != "epoch"}
-    metrics |= {f"synthesis_{k}": v for k, v in entry["synthesis_loss"].items()}
+    """What a tracker logs per evaluation: `history_metrics` plus images/pixels synthesised per resolution."""
+    metrics = history_metrics(entry)
     metrics |= {f"images_{r}px": n for r, n in tally.images.items()}
     metrics |= {f"pixels_{r}px": n for r, n in tally.pixels.items()}
     metrics["synthesis_s"] = tally.seconds
@@ -207,8 +213,12 @@ def build_summary(cfg: RunConfig, teacher_acc: float, history: list[dict[str, An
     }
 
 
+OUTPUT_FILES = ("summary.json", "student.pt", "config.yaml")  # what `save_outputs` writes to output_dir
+
+
 def save_outputs(cfg: RunConfig, summary: dict[str, Any], student_state: dict[str, torch.Tensor]) -> None:
-    """`student.pt` (the StudentNet state; `backbone.*` keys are the plain timm model) and `summary.json`."""
+    """`student.pt` (the StudentNet state; `backbone.*` keys are the plain timm model), `summary.json`
+    and the resolved `config.yaml`."""
     cfg.output_dir.mkdir(parents=True, exist_ok=True)
     save_torch({"arch": cfg.student.arch, "state_dict": student_state, "student_acc": summary["student_acc"]},
                cfg.output_dir / "student.pt")

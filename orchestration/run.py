@@ -36,7 +36,8 @@ from ray.train.torch import TorchTrainer
 from muse.cli import format_summary
 from muse.config import ConfigError, RunConfig, load_config, validate_config
 from muse.data import DatasetError, load_dataset
-from muse.engine import SynthesisTally, build_summary, latest_images, resolve_device, save_outputs
+from muse.engine import (OUTPUT_FILES, SynthesisTally, build_summary, history_metrics, latest_images,
+                         resolve_device, save_outputs)
 from muse.pool import SyntheticPool
 from muse.tracking import create_tracker
 from muse.teacher import ensure_teacher
@@ -149,20 +150,21 @@ def run(cfg: RunConfig, checkpoint: ray.train.Checkpoint | None = None,
             run_config=ray.train.RunConfig(name=cfg.output_dir.name, storage_path=str(cfg.output_dir.parent)),
         )
         result = trainer.fit()
+        if result.error is not None:
+            raise RuntimeError(f"distillation failed: {result.error}") from result.error
+    except BaseException:
+        tracker.finish([], status="FAILED")  # whatever stopped the run, its MLflow run says so
+        raise
     finally:
         for actor in [*actors, store]:
             ray.kill(actor)
-    if result.error is not None:
-        tracker.finish([], status="FAILED")
-        raise RuntimeError(f"distillation failed: {result.error}") from result.error
     summary, images = summarize(cfg, result.checkpoint, time.perf_counter() - started)
     # Logged from the driver, after the fact, with each epoch as the step: one writer, no worker setup.
     for entry in summary["history"]:
-        tracker.log_epoch(entry["epoch"], {k: v for k, v in entry.items() if k not in ("epoch", "synthesis_loss")}
-                          | {f"synthesis_{k}": v for k, v in entry["synthesis_loss"].items()})
+        tracker.log_epoch(entry["epoch"], history_metrics(entry))
     if summary["history"]:
         tracker.log_image_grids(summary["history"][-1]["epoch"], images)
-    tracker.finish([cfg.output_dir / name for name in ("summary.json", "student.pt", "config.yaml")])
+    tracker.finish([cfg.output_dir / name for name in OUTPUT_FILES])
     return summary
 
 

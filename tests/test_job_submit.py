@@ -74,7 +74,7 @@ def session_members(sid: int) -> list[int]:
 
 
 def stop_head(head: subprocess.Popen) -> None:
-    """SIGTERM the process group we started, SIGKILL what lingers; never `ray stop` (it stops every
+    """SIGTERM the process group we started, SIGKILL what lingers; never the CLI's stop command (it stops every
     Ray cluster on the machine)."""
     try:
         os.killpg(head.pid, signal.SIGTERM)
