@@ -30,9 +30,11 @@ def main(argv: list[str] | None = None) -> int:
         command.add_argument("--config", default="digits",
                              help=f"YAML file or shipped config {shipped_configs()} (default: digits)")
         command.add_argument("overrides", nargs="*", help="dotted overrides, e.g. loss.kr=2.0 seed=1")
+        if name == "distill":
+            add_tracking_flags(command)
     args = parser.parse_args(argv)
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_config(args.config, [*tracking_overrides(args), *args.overrides])
         if args.command == "show-config":
             print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
         elif args.command == "train-teacher":
@@ -50,6 +52,24 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     return 0
+
+
+def add_tracking_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--mlflow-uri", metavar="URI",
+                        help="MLflow tracking server, e.g. http://127.0.0.1:5000 (default: an sqlite store in output_dir)")
+    parser.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
+    parser.add_argument("--tracking-optional", action="store_true",
+                        help="if the MLflow server is unreachable, warn and go on without tracking")
+
+
+def tracking_overrides(args: argparse.Namespace) -> list[str]:
+    """The config overrides the tracking flags stand for (absent flags add nothing)."""
+    overrides = [f"tracking.uri={args.mlflow_uri}"] if getattr(args, "mlflow_uri", None) else []
+    if getattr(args, "no_tracking", False):
+        overrides.append("tracking.enabled=false")
+    if getattr(args, "tracking_optional", False):
+        overrides.append("tracking.required=false")
+    return overrides
 
 
 def format_summary(summary: dict) -> str:

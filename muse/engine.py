@@ -129,11 +129,16 @@ def run_distillation(cfg: RunConfig, splits: ImageSplits | None = None, progress
     except BaseException:
         tracker.finish([], status="FAILED")
         raise
-    tracker.log_epoch(total_epochs, {"final_student_acc": summary["student_acc"] or 0.0,
-                                     "best_student_acc": summary["best_acc"] or 0.0, "teacher_acc": teacher_acc,
-                                     "wall_s": summary["wall_s"]})
-    tracker.finish([cfg.output_dir / name for name in OUTPUT_FILES])
+    finish_tracking(tracker, cfg, summary, step=total_epochs)
     return summary
+
+
+def finish_tracking(tracker: NullTracker, cfg: RunConfig, summary: dict[str, Any], step: int) -> None:
+    """Close a run's MLflow run: final and best accuracy, the accuracy curve, and the output files."""
+    tracker.log_epoch(step, {"final_student_acc": summary["student_acc"], "best_student_acc": summary["best_acc"],
+                             "teacher_acc": summary["teacher_acc"], "wall_s": summary["wall_s"]})
+    tracker.log_accuracy_curve(summary["history"], summary["teacher_acc"], f"{cfg.method} on {cfg.data.name}")
+    tracker.finish([cfg.output_dir / name for name in OUTPUT_FILES])
 
 
 def _epochs(cfg: RunConfig, parts: RunParts, tracker: NullTracker, tally: SynthesisTally,
@@ -163,7 +168,8 @@ def _epochs(cfg: RunConfig, parts: RunParts, tracker: NullTracker, tally: Synthe
                         "synthesis_loss": record.losses if record else {}, "pool": len(parts.pool)})
         bar.set_postfix(acc=f"{student_acc:.2f}", best=f"{max(h['student_acc'] for h in history):.2f}")
         tracker.log_epoch(epoch, epoch_metrics(history[-1], tally))
-        tracker.log_image_grids(epoch, latest_images(parts.pool))
+        tracker.log_visuals(epoch, latest_records(parts.pool), parts.teacher, parts.splits.info,
+                            cfg.resolution.teacher_input)
 
 
 def history_metrics(entry: dict[str, Any]) -> dict[str, float]:
@@ -173,19 +179,22 @@ def history_metrics(entry: dict[str, Any]) -> dict[str, float]:
 
 
 def epoch_metrics(entry: dict[str, Any], tally: SynthesisTally) -> dict[str, float]:
-    """What a tracker logs per evaluation: `history_metrics` plus images/pixels synthesised per resolution."""
+    """What a tracker logs per evaluation: `history_metrics` plus images/pixels synthesised per resolution
+    and the generation throughput (images per second of synthesis time)."""
     metrics = history_metrics(entry)
     metrics |= {f"images_{r}px": n for r, n in tally.images.items()}
     metrics |= {f"pixels_{r}px": n for r, n in tally.pixels.items()}
     metrics["synthesis_s"] = tally.seconds
+    if tally.seconds > 0:
+        metrics["synthesis_images_per_s"] = sum(tally.images.values()) / tally.seconds
     return metrics
 
 
-def latest_images(pool: SyntheticPool) -> dict[int, np.ndarray]:
+def latest_records(pool: SyntheticPool) -> dict[int, SynthesisRecord]:
     """The newest synthetic batch of each resolution in the pool."""
-    latest: dict[int, np.ndarray] = {}
+    latest: dict[int, SynthesisRecord] = {}
     for record in pool.records:
-        latest[record.resolution] = record.images
+        latest[record.resolution] = record
     return dict(sorted(latest.items()))
 
 

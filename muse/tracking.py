@@ -1,92 +1,164 @@
 """MLflow tracking for a run: the flattened config as params, per-epoch metrics, and artifacts (config,
-summary, student checkpoint, one image grid per resolution per evaluation).
+summary, student checkpoint, an image grid and a teacher-CAM overlay per resolution per evaluation, the
+accuracy curve).
 
 The embedded default is an sqlite store in the run's output directory with an absolute artifact
 location (`tracking.uri` unset); `tracking.uri=http://host:port` logs to a server. `NullTracker`
 stands in when tracking is off, so the engine never branches on it.
+
+A tracker writes to one MLflow run through `MlflowClient` and the run's id, so any process can log to
+a run another one started: the driver opens the run, Ray Train's rank 0 attaches to it (`attach`) and
+logs each epoch as it happens, a sweep's trials open child runs under the sweep's parent run.
 """
 
 from __future__ import annotations
 
 import os
-import tempfile
+import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
-from PIL import Image
-from torchvision.utils import make_grid
 
 from muse.config import ConfigError, RunConfig
+
+if TYPE_CHECKING:
+    import torch
+    from mlflow.tracking import MlflowClient
+
+    from muse.data import DatasetInfo
+    from muse.synthesis import SynthesisRecord
+
+PARENT_RUN_TAG = "mlflow.parentRunId"  # MLflow's own tag: the UI nests a run under this parent
+MAX_PARAMS_PER_BATCH = 100  # MLflow's limit per log_batch call
 
 
 class NullTracker:
     """Tracking switched off: every call does nothing."""
 
     run_id: str | None = None
+    uri: str | None = None
+    handle: dict[str, str] | None = None  # what another process needs to log to this run
 
-    def log_epoch(self, epoch: int, metrics: dict[str, float]) -> None: ...
+    def log_epoch(self, epoch: int, metrics: dict[str, Any]) -> None: ...
 
-    def log_image_grids(self, epoch: int, images_by_resolution: dict[int, np.ndarray]) -> None: ...
+    def log_visuals(self, epoch: int, records: dict[int, SynthesisRecord], teacher: torch.nn.Module | None,
+                    info: DatasetInfo, teacher_input: str) -> None: ...
+
+    def log_accuracy_curve(self, history: list[dict[str, Any]], teacher_acc: float | None, title: str) -> None: ...
+
+    def set_tags(self, tags: dict[str, str]) -> None: ...
 
     def finish(self, files: list[Path], status: str = "FINISHED") -> None: ...
 
 
-class MlflowTracker(NullTracker):
-    def __init__(self, cfg: RunConfig, run_name: str | None = None) -> None:
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
-        import mlflow
+def tracking_uri(cfg: RunConfig) -> str:
+    return cfg.tracking.uri or f"sqlite:///{cfg.output_dir.resolve() / 'mlflow.db'}"
 
-        self.mlflow = mlflow
+
+def open_store(uri: str, experiment: str, artifact_root: Path) -> tuple[MlflowClient, str]:
+    """A client of the store at `uri` and the id of `experiment` there, created if new: with its artifacts
+    under the absolute `artifact_root` for a local store, where the server says for a tracking server.
+    An unreachable or broken store is a ConfigError."""
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    try:
+        found = client.get_experiment_by_name(experiment)
+        local = not uri.startswith(("http://", "https://", "databricks"))
+        experiment_id = found.experiment_id if found else client.create_experiment(
+            experiment, artifact_location=artifact_root.resolve().as_uri() if local else None)
+    except Exception as error:  # MLflow raises several types for an unreachable or broken store
+        raise ConfigError(f"tracking.uri {uri!r} is not reachable ({type(error).__name__}: "
+                          f"{str(error).splitlines()[0][:200]}); start the server, fix tracking.uri "
+                          "(--mlflow-uri), or set tracking.required=false to continue without tracking") from None
+    return client, experiment_id
+
+
+class MlflowTracker(NullTracker):
+    """Logs to the MLflow run `run_id` of the store at `uri`."""
+
+    def __init__(self, uri: str, run_id: str) -> None:
+        from mlflow.tracking import MlflowClient
+
+        self.uri, self.run_id = uri, run_id
+        self.client = MlflowClient(uri)
+
+    @classmethod
+    def start(cls, cfg: RunConfig, run_name: str | None = None, parent_run_id: str | None = None,
+              tags: dict[str, str] | None = None) -> MlflowTracker:
+        """A new run for `cfg` (a child of `parent_run_id` when given), with the flattened config as params."""
         output_dir = cfg.output_dir.resolve()
         output_dir.mkdir(parents=True, exist_ok=True)
-        uri = cfg.tracking.uri or f"sqlite:///{output_dir / 'mlflow.db'}"
-        mlflow.set_tracking_uri(uri)
-        try:
-            experiment = mlflow.get_experiment_by_name(cfg.tracking.experiment)
-            experiment_id = experiment.experiment_id if experiment else mlflow.create_experiment(
-                cfg.tracking.experiment, artifact_location=(output_dir / "mlartifacts").as_uri())
-        except Exception as error:  # MLflow raises several types for an unreachable or broken store
-            raise ConfigError(f"tracking.uri {uri!r} is not reachable ({type(error).__name__}: "
-                              f"{str(error).splitlines()[0][:200]}); start the server, fix tracking.uri, or "
-                              "set tracking.required=false to continue without tracking") from None
-        run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name or output_dir.name)
-        self.run_id = run.info.run_id
-        mlflow.log_params({k: str(v)[:500] for k, v in cfg.flat().items()})
+        uri = tracking_uri(cfg)
+        client, experiment_id = open_store(uri, cfg.tracking.experiment, output_dir / "mlartifacts")
+        tags = dict(tags or {})
+        if parent_run_id:
+            tags[PARENT_RUN_TAG] = parent_run_id
+        run = client.create_run(experiment_id, run_name=run_name or output_dir.name, tags=tags)
+        tracker = cls(uri, run.info.run_id)
+        tracker.log_params(cfg.flat())
+        return tracker
 
-    def log_epoch(self, epoch: int, metrics: dict[str, float]) -> None:
-        numeric = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and np.isfinite(v)}
-        self.mlflow.log_metrics(numeric, step=epoch)
+    @classmethod
+    def attach(cls, handle: dict[str, str] | None) -> NullTracker:
+        """The tracker of a run another process started (`handle` from `.handle`), or a no-op for None."""
+        return cls(handle["uri"], handle["run_id"]) if handle else NullTracker()
 
-    def log_image_grids(self, epoch: int, images_by_resolution: dict[int, np.ndarray]) -> None:
-        """One PNG grid per resolution of synthetic images (uint8 or float in [0,1], [n, C, r, r])."""
-        with tempfile.TemporaryDirectory() as tmp:
-            for resolution, images in images_by_resolution.items():
-                tensor = torch.from_numpy(np.ascontiguousarray(images)).float()
-                if images.dtype == np.uint8:
-                    tensor = tensor / 255.0
-                grid = make_grid(tensor[:64], nrow=8, padding=1)
-                pixels = (grid.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
-                path = Path(tmp) / f"epoch{epoch:04d}-{resolution}px.png"
-                Image.fromarray(pixels).resize((pixels.shape[1] * 2, pixels.shape[0] * 2), Image.NEAREST).save(path)
-                self.mlflow.log_artifact(str(path), artifact_path="images")
+    @property
+    def handle(self) -> dict[str, str]:
+        return {"uri": self.uri, "run_id": self.run_id}
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, str(v)[:500]) for k, v in params.items()]
+        for start in range(0, len(items), MAX_PARAMS_PER_BATCH):
+            self.client.log_batch(self.run_id, params=items[start:start + MAX_PARAMS_PER_BATCH])
+
+    def log_epoch(self, epoch: int, metrics: dict[str, Any]) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        numeric = [Metric(k, float(v), now, epoch) for k, v in metrics.items()
+                   if isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v)]
+        self.client.log_batch(self.run_id, metrics=numeric)
+
+    def log_visuals(self, epoch: int, records: dict[int, SynthesisRecord], teacher: torch.nn.Module | None,
+                    info: DatasetInfo, teacher_input: str) -> None:
+        from muse.visuals import epoch_visuals
+
+        for path, picture in epoch_visuals(epoch, records, teacher, info, teacher_input).items():
+            self.client.log_image(self.run_id, picture, artifact_file=path)
+
+    def log_accuracy_curve(self, history: list[dict[str, Any]], teacher_acc: float | None, title: str) -> None:
+        from muse.visuals import accuracy_curves
+
+        if history:
+            self.client.log_figure(self.run_id, accuracy_curves({"student": history}, teacher_acc, title),
+                                   "accuracy_curve.png")
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        for key, value in tags.items():
+            self.client.set_tag(self.run_id, key, value)
 
     def finish(self, files: list[Path], status: str = "FINISHED") -> None:
         for path in files:
             if Path(path).exists():
-                self.mlflow.log_artifact(str(path))
-        self.mlflow.end_run(status=status)
+                self.client.log_artifact(self.run_id, str(path))
+        self.client.set_terminated(self.run_id, status=status)
 
 
-def create_tracker(cfg: RunConfig, run_name: str | None = None) -> NullTracker:
+def create_tracker(cfg: RunConfig, run_name: str | None = None, parent_run_id: str | None = None,
+                   tags: dict[str, str] | None = None) -> NullTracker:
     """The run's tracker: MLflow when `tracking.enabled`, else a no-op. An unreachable store is an
     error unless `tracking.required=false`, which continues without tracking and says so."""
     if not cfg.tracking.enabled:
         return NullTracker()
     try:
-        return MlflowTracker(cfg, run_name)
+        return MlflowTracker.start(cfg, run_name, parent_run_id, tags)
     except ConfigError as error:
         if cfg.tracking.required:
             raise

@@ -18,7 +18,7 @@ import sys
 import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 if __package__ in (None, ""):  # `python orchestration/run.py`: make the repo root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -27,19 +27,17 @@ if __package__ in (None, ""):  # `python orchestration/run.py`: make the repo ro
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
-import numpy as np
 import ray
 import ray.train
 import torch
+from ray.train import UserCallback
 from ray.train.torch import TorchTrainer
 
-from muse.cli import format_summary
+from muse.cli import add_tracking_flags, format_summary, tracking_overrides
 from muse.config import ConfigError, RunConfig, load_config, validate_config
 from muse.data import DatasetError, load_dataset
-from muse.engine import (OUTPUT_FILES, SynthesisTally, build_summary, history_metrics, latest_images,
-                         resolve_device, save_outputs)
-from muse.pool import SyntheticPool
-from muse.tracking import create_tracker
+from muse.engine import SynthesisTally, build_summary, finish_tracking, resolve_device, save_outputs
+from muse.tracking import NullTracker, create_tracker
 from muse.teacher import ensure_teacher
 from orchestration.generator_actor import create_generator_actors, wait_until_ready
 from orchestration.train_loop import STATE_FILE, train_loop_per_worker
@@ -68,13 +66,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local cluster (default: all)")
     parser.add_argument("--resume", type=Path, help="run folder to continue from its latest checkpoint")
     parser.add_argument("--stop-after-epoch", type=int, help="checkpoint and stop after this epoch (staged runs)")
+    add_tracking_flags(parser)
     parser.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. loss.kr=2.0")
     return parser.parse_args(argv)
 
 
 def resolve_config(args: argparse.Namespace) -> tuple[RunConfig, ray.train.Checkpoint | None]:
     flags = [f"{field}={getattr(args, name)}" for name, field in FLAG_OVERRIDES.items()
-             if getattr(args, name) is not None]
+             if getattr(args, name) is not None] + tracking_overrides(args)
     if args.gpu:
         flags += ["ray.train.use_gpu=true", "device=cuda"]
         if args.generator_gpus is None:
@@ -117,10 +116,14 @@ def connect(cfg: RunConfig, num_cpus: int | None) -> bool:
     return True
 
 
-def run(cfg: RunConfig, checkpoint: ray.train.Checkpoint | None = None,
-        stop_after_epoch: int | None = None) -> dict[str, Any]:
+def run(cfg: RunConfig, checkpoint: ray.train.Checkpoint | None = None, stop_after_epoch: int | None = None,
+        *, tracker: NullTracker | None = None, callbacks: Sequence[UserCallback] = ()) -> dict[str, Any]:
     """Train the teacher if needed, start the generators and the weight store, fit the TorchTrainer,
-    and write the summary. Ray must be initialised."""
+    and write the summary. Ray must be initialised.
+
+    Without `tracker` the run opens its own MLflow run and closes it; a caller that passes one (a sweep
+    trial, which may fit several segments into one run) logs the final files and closes it itself.
+    `callbacks` are Ray Train callbacks (e.g. the Tune report callback of a sweep)."""
     started = time.perf_counter()
     cfg = cfg.model_copy(update={"output_dir": cfg.output_dir.resolve()})
     if checkpoint is None and (cfg.output_dir / TRAIN_SNAPSHOT).is_file():
@@ -130,7 +133,9 @@ def run(cfg: RunConfig, checkpoint: ray.train.Checkpoint | None = None,
                           "with --resume, or give a new output_dir")
     splits = load_dataset(cfg.data)
     ensure_teacher(cfg, splits, resolve_device("cpu" if cfg.device == "auto" else cfg.device))
-    tracker = create_tracker(cfg)  # an unreachable tracking server fails here, before any work
+    owns_tracker = tracker is None
+    if tracker is None:
+        tracker = create_tracker(cfg)  # an unreachable tracking server fails here, before any work
     store_name = f"muse-weights-{uuid.uuid4().hex[:8]}"
     store = create_weight_store(store_name)
     g = cfg.ray.generators
@@ -143,40 +148,35 @@ def run(cfg: RunConfig, checkpoint: ray.train.Checkpoint | None = None,
             train_loop_per_worker,
             train_loop_config={"run": cfg.model_dump(mode="json"), "generators": actors,
                                "weight_store": store_name, "stop_after_epoch": stop_after_epoch,
-                               "resume_from": checkpoint},
+                               "resume_from": checkpoint, "tracking": tracker.handle},
             scaling_config=ray.train.ScalingConfig(
                 num_workers=t.count, use_gpu=t.use_gpu,
                 resources_per_worker={"CPU": t.cpus_per_worker, **t.resources}),
-            run_config=ray.train.RunConfig(name=cfg.output_dir.name, storage_path=str(cfg.output_dir.parent)),
+            run_config=ray.train.RunConfig(name=cfg.output_dir.name, storage_path=str(cfg.output_dir.parent),
+                                           callbacks=list(callbacks)),
         )
         result = trainer.fit()
         if result.error is not None:
             raise RuntimeError(f"distillation failed: {result.error}") from result.error
     except BaseException:
-        tracker.finish([], status="FAILED")  # whatever stopped the run, its MLflow run says so
+        if owns_tracker:
+            tracker.finish([], status="FAILED")  # whatever stopped the run, its MLflow run says so
         raise
     finally:
         for actor in [*actors, store]:
             ray.kill(actor)
-    summary, images = summarize(cfg, result.checkpoint, time.perf_counter() - started)
-    # Logged from the driver, after the fact, with each epoch as the step: one writer, no worker setup.
-    for entry in summary["history"]:
-        tracker.log_epoch(entry["epoch"], history_metrics(entry))
-    if summary["history"]:
-        tracker.log_image_grids(summary["history"][-1]["epoch"], images)
-    tracker.finish([cfg.output_dir / name for name in OUTPUT_FILES])
+    summary = summarize(cfg, result.checkpoint, time.perf_counter() - started)
+    if owns_tracker:
+        finish_tracking(tracker, cfg, summary, step=summary["epochs_done"])
     return summary
 
 
-def summarize(cfg: RunConfig, checkpoint: ray.train.Checkpoint,
-              wall_s: float) -> tuple[dict[str, Any], dict[int, np.ndarray]]:
-    """The run's summary (written with the student to output_dir) and rank 0's newest synthetic batch
-    per resolution, both read from the final checkpoint."""
+def summarize(cfg: RunConfig, checkpoint: ray.train.Checkpoint, wall_s: float) -> dict[str, Any]:
+    """The run's summary, read from the final checkpoint and written with the student to output_dir."""
     with checkpoint.as_directory() as tmp:
         directory = Path(tmp)
         state = torch.load(directory / STATE_FILE, map_location="cpu", weights_only=True)
         ranks = [json.loads(p.read_text()) for p in sorted(directory.glob("rank*.json"))]
-        images = latest_images(SyntheticPool.load(directory / "pool-rank0", cfg.pool.capacity))
     tally = SynthesisTally()
     for rank in ranks:
         tally = tally.merge(SynthesisTally.from_dict(rank["tally"]))
@@ -186,7 +186,7 @@ def summarize(cfg: RunConfig, checkpoint: ray.train.Checkpoint,
                 "loop_s": max(r["loop_s"] for r in ranks), "feed": [r["feed"] for r in ranks],
                 "ray": cfg.ray.model_dump(mode="json")}
     save_outputs(cfg, summary, state["distiller"]["student"])
-    return summary, images
+    return summary
 
 
 def _as_overrides(cfg: RunConfig) -> list[str]:

@@ -29,14 +29,15 @@ import torch
 from ray.actor import ActorHandle
 
 from muse.config import RunConfig
-from muse.data import load_dataset
+from muse.data import DatasetInfo, load_dataset
 from muse.distillation import Distiller
 from muse.embeddings import label_embeddings
-from muse.engine import SynthesisTally, draw_batch, seed_everything
+from muse.engine import SynthesisTally, draw_batch, epoch_metrics, latest_records, seed_everything
 from muse.evaluate import accuracy
 from muse.pool import SyntheticPool
 from muse.student import StudentNet
 from muse.teacher import load_teacher
+from muse.tracking import MlflowTracker, NullTracker
 from orchestration.feed import GenerationFeed
 from orchestration.weight_store import StalenessPolicy, state_to_numpy
 
@@ -46,7 +47,7 @@ STATE_FILE = "state.pt"
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """Entry point of every Train worker. `loop_config`: run (RunConfig as JSON dict), generators
     (actor handles), weight_store (actor name), stop_after_epoch (optional, for staged runs), resume_from
-    (optional Checkpoint)."""
+    (optional Checkpoint), tracking (optional MLflow run handle that rank 0 logs each epoch to)."""
     cfg = RunConfig.model_validate(loop_config["run"])
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
@@ -78,6 +79,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     feed = GenerationFeed(actors, cfg.ray.feed.in_flight, rank=rank, world_size=world,
                           start_episode=state["next_episode"], epoch=state["epoch"],
                           adversarial=state["epoch"] >= cfg.synthesis.warmup)
+    # Rank 0 logs each evaluation as it happens (Ray's rank-zero-only pattern); the driver owns the run.
+    tracker = MlflowTracker.attach(loop_config.get("tracking") if rank == 0 else None)
     record = None
     loop_origin = time.perf_counter() - state["loop_s"]  # loop time counts reports and checkpoints too
     try:
@@ -125,6 +128,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                                  f"kd steps {distiller.steps},{accuracy_text} feed wait "
                                  f"{metrics['feed_wait_s']:.1f}s, {metrics['epoch_s']:.1f}s\n")
                 sys.stdout.flush()
+                if not warming_up:
+                    _log_evaluation(tracker, epoch, metrics, state, pool, teacher, info, cfg)
             last = epoch == total_epochs - 1 or epoch == stop_after
             state["epoch"] = epoch + 1
             if last or (epoch + 1) % cfg.ray.train.checkpoint_every == 0:
@@ -135,6 +140,17 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 break
     finally:
         feed.close()
+
+
+def _log_evaluation(tracker: NullTracker, epoch: int, metrics: dict[str, Any], state: dict[str, Any],
+                    pool: SyntheticPool, teacher: torch.nn.Module, info: DatasetInfo, cfg: RunConfig) -> None:
+    """Rank 0's view of an evaluation epoch (counts are rank 0's share when there are several workers)."""
+    logged = epoch_metrics(state["history"][-1], state["tally"])
+    logged |= {k: v for k, v in metrics.items() if k.startswith(("staleness_", "feed_")) or k in ("epoch_s", "episodes")}
+    if state["loop_s"] > 0:
+        logged["feed_images_per_s"] = sum(state["tally"].images.values()) / state["loop_s"]
+    tracker.log_epoch(epoch, logged)
+    tracker.log_visuals(epoch, latest_records(pool), teacher, info, cfg.resolution.teacher_input)
 
 
 def _push(weight_store: ActorHandle, distiller: Distiller) -> None:

@@ -1,5 +1,14 @@
 """MLflow tracking of a single-process run, checked by querying MLflow, not only by "no exception"."""
 
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
 import pytest
 from mlflow.tracking import MlflowClient
 
@@ -8,6 +17,8 @@ from muse.engine import run_distillation
 from muse.tracking import create_tracker
 
 from conftest import fast_digits_config
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.fixture(scope="module")
@@ -53,3 +64,63 @@ def test_unreachable_server_is_a_clear_error_or_a_warning(tmp_path):
     lenient = fast_digits_config(tmp_path, tmp_path, "tracking.enabled=true", "tracking.uri=http://127.0.0.1:9",
                                  "tracking.required=false")
     assert create_tracker(lenient).run_id is None
+
+
+def test_cam_overlays_and_accuracy_curve_are_pngs(tracked, tmp_path):
+    _, summary, client, run = tracked
+    cams = {a.path for a in client.list_artifacts(run.info.run_id, "cam")}
+    assert {"cam/epoch0002-8px.png", "cam/epoch0002-16px.png"} <= cams
+    for path in ("cam/epoch0002-16px.png", "accuracy_curve.png"):
+        local = Path(client.download_artifacts(run.info.run_id, path, str(tmp_path)))
+        assert local.read_bytes()[:8] == PNG_MAGIC, path
+    throughput = client.get_metric_history(run.info.run_id, "synthesis_images_per_s")
+    assert len(throughput) == 3 and all(m.value > 0 for m in throughput)
+    final = client.get_metric_history(run.info.run_id, "final_student_acc")
+    assert [m.value for m in final] == pytest.approx([summary["student_acc"]])
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    """A real `mlflow server` on 127.0.0.1, stopped by its process group when the test ends."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = os.environ | {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+         "--artifacts-destination", str(tmp_path / "server-artifacts")],
+        env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"{uri}/health", timeout=2) as reply:
+                    if reply.status == 200:
+                        break
+            except OSError:
+                pass
+            assert server.poll() is None and time.monotonic() < deadline, "mlflow server did not start"
+            time.sleep(0.5)
+        yield uri, tmp_path / "server-artifacts"
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+
+
+def test_a_run_logs_to_an_mlflow_server_over_http(mlflow_server, tmp_path, teacher_dir, digits_splits):
+    uri, artifact_root = mlflow_server
+    cfg = fast_digits_config(tmp_path / "run", teacher_dir, "tracking.enabled=true", f"tracking.uri={uri}",
+                             "distill.epochs=2", "tracking.experiment=http")
+    summary = run_distillation(cfg, digits_splits, progress=False)
+    client = MlflowClient(uri)
+    run = client.search_runs([client.get_experiment_by_name("http").experiment_id])[0]
+    assert run.info.status == "FINISHED" and run.data.params["distill.epochs"] == "2"
+    accuracy = client.get_metric_history(run.info.run_id, "student_acc")
+    assert [m.value for m in accuracy] == pytest.approx([h["student_acc"] for h in summary["history"]])
+    assert run.info.artifact_uri.startswith("mlflow-artifacts:")  # proxied by the server, not a local path
+    grid = Path(client.download_artifacts(run.info.run_id, "images/epoch0002-16px.png", str(tmp_path)))
+    assert grid.read_bytes()[:8] == PNG_MAGIC
+    assert list(artifact_root.rglob("epoch0002-16px.png")), "the server stored the artifact"
+    assert not (tmp_path / "run" / "mlflow.db").exists()

@@ -74,14 +74,20 @@ def test_generators_and_train_worker_run_on_different_nodes(two_nodes, tmp_path,
     assert summary["synthesis"]["total_images"] == episodes * cfg.synthesis.batch_size
     assert (cfg.output_dir / "summary.json").is_file()
 
-    # The driver logged the run to the embedded MLflow store: params, per-epoch accuracy, image grids.
+    # The driver opened the MLflow run (params) and closed it (files); the Train worker on the other node
+    # logged every evaluation while it ran: accuracy, staleness, image grids and CAM overlays.
     client = MlflowClient(f"sqlite:///{cfg.output_dir / 'mlflow.db'}")
     [tracked] = client.search_runs([client.get_experiment_by_name("muse").experiment_id])
+    assert tracked.info.status == "FINISHED"
     assert tracked.data.params["ray.generators.count"] == str(cfg.ray.generators.count)
     history = client.get_metric_history(tracked.info.run_id, "student_acc")
     assert [m.value for m in history] == pytest.approx([h["student_acc"] for h in summary["history"]])
-    grids = {a.path for a in client.list_artifacts(tracked.info.run_id, "images")}
-    assert {f"images/epoch{summary['history'][-1]['epoch']:04d}-{r}px.png" for r in summary["synthesis"]["images"]} <= grids
+    assert len(client.get_metric_history(tracked.info.run_id, "staleness_mean_staleness")) == len(summary["history"])
+    for folder in ("images", "cam"):
+        pictures = {a.path for a in client.list_artifacts(tracked.info.run_id, folder)}
+        assert {f"{folder}/epoch{h['epoch']:04d}-{r}px.png"
+                for h in summary["history"] for r in summary["synthesis"]["images"]} <= pictures
+    assert {"summary.json", "student.pt", "accuracy_curve.png"} <= {a.path for a in client.list_artifacts(tracked.info.run_id)}
 
     # The state API keeps finished actors with the node they ran on.
     def nodes_of(class_name: str) -> list[str]:
