@@ -295,6 +295,14 @@ def load_config(source: str | Path | None = None, overrides: list[str] | None = 
     return validate_config(merged)
 
 
+def with_overrides(cfg: RunConfig, values: dict[str, Any]) -> RunConfig:
+    """`cfg` with dotted fields replaced, e.g. {"loss.kr": 2.0}, validated again (no preset re-applied)."""
+    tree = cfg.model_dump(mode="json")
+    for key, value in values.items():
+        _set_dotted(tree, key, value)
+    return validate_config(tree)
+
+
 def validate_config(raw: dict[str, Any]) -> RunConfig:
     try:
         return RunConfig.model_validate(raw)

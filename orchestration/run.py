@@ -34,7 +34,7 @@ from ray.train import UserCallback
 from ray.train.torch import TorchTrainer
 
 from muse.cli import add_tracking_flags, format_summary, tracking_overrides
-from muse.config import ConfigError, RunConfig, load_config, validate_config
+from muse.config import ConfigError, RunConfig, load_config, parse_overrides, validate_config, with_overrides
 from muse.data import DatasetError, load_dataset
 from muse.engine import SynthesisTally, build_summary, finish_tracking, resolve_device, save_outputs
 from muse.tracking import NullTracker, create_tracker
@@ -87,7 +87,7 @@ def resolve_config(args: argparse.Namespace) -> tuple[RunConfig, ray.train.Check
                           f"({' '.join(args.overrides)}) or start a new run")
     cfg = validate_config(saved)
     if flags:
-        cfg = load_config(None, [*_as_overrides(cfg), *flags])
+        cfg = with_overrides(cfg, parse_overrides(flags))
     return cfg, checkpoint
 
 
@@ -187,10 +187,6 @@ def summarize(cfg: RunConfig, checkpoint: ray.train.Checkpoint, wall_s: float) -
                 "ray": cfg.ray.model_dump(mode="json")}
     save_outputs(cfg, summary, state["distiller"]["student"])
     return summary
-
-
-def _as_overrides(cfg: RunConfig) -> list[str]:
-    return [f"{key}={json.dumps(value)}" for key, value in cfg.flat().items()]
 
 
 def main(argv: list[str] | None = None) -> int:

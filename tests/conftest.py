@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import shutil
+import tempfile
+from collections.abc import Iterator
+
 from pathlib import Path
 
 import pytest
+import ray
 import torch
 
 from muse.config import RunConfig, load_config
@@ -37,3 +43,31 @@ def teacher_dir(tmp_path_factory) -> Path:
 def fast_digits_config(output_dir: Path, teacher_dir: Path, *overrides: str) -> RunConfig:
     return load_config("digits", [*FAST_DIGITS, f"output_dir={output_dir}",
                                   f"teacher.checkpoint={teacher_dir / 'digits_cnn.pt'}", *overrides])
+
+
+@contextlib.contextmanager
+def train_ready_cluster(num_cpus: int) -> Iterator[None]:
+    """A local Ray cluster, on loopback, that Ray Train and Tune runs work on."""
+    # A RAY_TMPDIR of our own (short: socket paths). Ray Train's placement-group cleaner finds its
+    # cluster through $RAY_TMPDIR/ray/ray_current_cluster (without it, through the machine's only GCS
+    # process): in the default /tmp, another cluster on this machine could be taken for ours, and our
+    # Train placement group removed mid-run.
+    ray_tmp = tempfile.mkdtemp(prefix="muse-ray-", dir="/tmp")
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("RAY_USAGE_STATS_ENABLED", "0")
+        env.setenv("RAY_TMPDIR", ray_tmp)  # inherited by the raylet and every worker it starts
+        env.setenv("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")  # one process less per run
+        env.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")  # notice a finished run sooner
+        # Loopback only: without these Ray swaps 127.0.0.1 for the machine's IP and listens on every
+        # interface (the variable for the processes Ray starts, the constant for this one).
+        env.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        env.setattr(ray._private.ray_constants, "ENABLE_RAY_CLUSTER", False)
+        # The dashboard serves the state API that Ray Train's placement-group cleaner polls.
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
+                 _node_ip_address="127.0.0.1")
+        (Path(ray_tmp) / "ray" / "ray_current_cluster").write_text(ray.get_runtime_context().gcs_address)
+        yield
+        ray.shutdown()
+    shutil.rmtree(ray_tmp, ignore_errors=True)
+
+

@@ -1,0 +1,133 @@
+"""One Tune trial: a full orchestrated run (generator actors + a Ray Train TorchTrainer) of the base
+config with the trial's sampled fields, logged to an MLflow child run of the sweep's parent run.
+
+ASHA / FIFO trials fit one TorchTrainer whose evaluations reach Tune through the Train → Tune report
+callback. PBT trials train in segments of `perturbation_interval` epochs, each a new Train run that
+resumes from the previous segment's checkpoint and reports it to Tune. When PBT exploits, Tune restarts
+the trial with a mutated config and the donor's checkpoint, which the next segment resumes from.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import ray.train
+import torch
+from ray import tune
+from ray.tune.integration.ray_train import TuneReportCallback
+
+from muse.config import RunConfig, validate_config, with_overrides
+from muse.engine import finish_tracking
+from muse.tracking import MlflowTracker, NullTracker, create_tracker, open_store, tracking_uri
+from orchestration.run import run, summarize
+from orchestration.train_loop import STATE_FILE
+
+TRIAL_TAG = "muse.trial_id"
+SEGMENT_LOG = "segments.jsonl"  # one line per Train run of a trial: where it started and from what
+
+
+class EvaluationReportCallback(TuneReportCallback):
+    """Forwards each evaluated epoch's rank-0 metrics to Tune, except the last: the trial reports that
+    itself once its outputs are written, since Tune may end a trial's process at any report. Warm-up
+    epochs have no accuracy yet, and Tune rejects a result without the sweep's metric."""
+
+    def __init__(self, metric: str, last_epoch: int) -> None:
+        super().__init__()
+        self.metric, self.last_epoch = metric, last_epoch
+
+    def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
+        if self.metric in metrics[0] and metrics[0]["epoch"] < self.last_epoch:
+            super().after_report(run_context, metrics, checkpoint)
+
+
+def run_trial(params: dict[str, Any], sweep: dict[str, Any]) -> None:
+    """The Tune function trainable. `params`: the sampled dotted fields; `sweep`: base (RunConfig JSON),
+    root (the sweep folder), metric, parent_run_id, pbt_interval (None unless PBT), name."""
+    context = tune.get_context()
+    trial_id, trial_name = context.get_trial_id(), context.get_trial_name()
+    trial_root = Path(sweep["root"]) / "trials" / trial_name
+    cfg = with_overrides(validate_config(sweep["base"]), params | {"output_dir": str(next_segment(trial_root))})
+    tracker = trial_tracker(cfg, trial_id, trial_name, sweep["parent_run_id"], sweep["name"])
+    metric = sweep["metric"]
+    try:
+        if sweep["pbt_interval"]:
+            cfg, summary = _train_in_segments(cfg, params, trial_root, tracker, metric, sweep["pbt_interval"])
+        else:
+            _log_segment(trial_root, tracker, cfg, params, start_epoch=0, resumed_from=None)
+            last_epoch = cfg.synthesis.warmup + cfg.distill.epochs - 1
+            summary = run(cfg, tracker=tracker, callbacks=[EvaluationReportCallback(metric, last_epoch)])
+        finish_tracking(tracker, cfg, summary, step=summary["epochs_done"])
+    except Exception:
+        tracker.finish([], status="FAILED")
+        raise
+    checkpoint = tune.Checkpoint.from_directory(summary["checkpoint"]) if sweep["pbt_interval"] else None
+    tune.report(_result(summary, metric), checkpoint=checkpoint)
+
+
+def _train_in_segments(cfg: RunConfig, params: dict[str, Any], trial_root: Path, tracker: NullTracker,
+                       metric: str, interval: int) -> tuple[RunConfig, dict[str, Any]]:
+    """Train to the end in segments, reporting each but the last to Tune with its checkpoint."""
+    donor = tune.get_checkpoint()  # the donor's after an exploit, else None
+    checkpoint = ray.train.Checkpoint(donor.path, filesystem=donor.filesystem) if donor else None
+    epoch = _epochs_done(checkpoint) if checkpoint else 0
+    total = cfg.synthesis.warmup + cfg.distill.epochs
+    resumed_from = checkpoint.path if checkpoint else None
+    if epoch >= total:  # cloned a donor that had already finished: its outputs are this trial's
+        return cfg, summarize(cfg, checkpoint, wall_s=0.0)
+    while True:
+        stop_after = min(max(epoch, cfg.synthesis.warmup) + interval, total) - 1  # warm-up joins the first segment
+        _log_segment(trial_root, tracker, cfg, params, epoch, resumed_from)
+        summary = run(cfg, checkpoint, stop_after_epoch=stop_after, tracker=tracker)
+        epoch = summary["epochs_done"]
+        if epoch >= total:
+            return cfg, summary
+        tune.report(_result(summary, metric) | {"resumed_from": resumed_from or ""},
+                    checkpoint=tune.Checkpoint.from_directory(summary["checkpoint"]))
+        checkpoint = ray.train.Checkpoint.from_directory(summary["checkpoint"])
+        resumed_from = summary["checkpoint"]
+        cfg = cfg.model_copy(update={"output_dir": next_segment(trial_root)})
+
+
+def _result(summary: dict[str, Any], metric: str) -> dict[str, Any]:
+    """What Tune sees of a finished (segment of a) run: its last evaluation, like the callback's results."""
+    last = summary["history"][-1] if summary["history"] else {}
+    if metric not in last:
+        raise ValueError(f"the sweep metric {metric!r} is not in the run's evaluations ({sorted(last)}); "
+                         "use student_acc or a logged loss such as loss_kd")
+    return {k: v for k, v in last.items() if isinstance(v, (int, float))} | {"epochs_done": summary["epochs_done"]}
+
+
+def _epochs_done(checkpoint: ray.train.Checkpoint) -> int:
+    with checkpoint.as_directory() as directory:
+        return int(torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=True)["epoch"])
+
+
+def next_segment(trial_root: Path) -> Path:
+    """A fresh output folder for the trial's next Train run (Ray Train would resume a reused one)."""
+    return trial_root / f"segment-{len(list(trial_root.glob('segment-*'))):02d}"
+
+
+def _log_segment(trial_root: Path, tracker: NullTracker, cfg: RunConfig, params: dict[str, Any],
+                 start_epoch: int, resumed_from: str | None) -> None:
+    entry = {"segment": cfg.output_dir.name, "start_epoch": start_epoch, "resumed_from": resumed_from,
+             "params": params}
+    trial_root.mkdir(parents=True, exist_ok=True)
+    with (trial_root / SEGMENT_LOG).open("a") as log:
+        log.write(json.dumps(entry) + "\n")
+    tracker.set_tags({f"segment.{cfg.output_dir.name}": json.dumps(entry)[:5000]})
+
+
+def trial_tracker(cfg: RunConfig, trial_id: str, trial_name: str, parent_run_id: str | None,
+                  sweep_name: str) -> NullTracker:
+    """The trial's MLflow child run: found again by its trial id when PBT restarts the trial, else new."""
+    if not cfg.tracking.enabled or parent_run_id is None:
+        return NullTracker()
+    uri = tracking_uri(cfg)
+    client, experiment_id = open_store(uri, cfg.tracking.experiment, cfg.output_dir / "mlartifacts")
+    found = client.search_runs([experiment_id], filter_string=f"tags.`{TRIAL_TAG}` = '{trial_id}'", max_results=1)
+    if found:
+        return MlflowTracker(uri, found[0].info.run_id)
+    return create_tracker(cfg, run_name=trial_name, parent_run_id=parent_run_id,
+                          tags={TRIAL_TAG: trial_id, "muse.sweep": sweep_name})
