@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from matplotlib import colormaps
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 from PIL import Image
 from torchvision.utils import make_grid
 
@@ -84,6 +85,7 @@ def accuracy_curves(curves: dict[str, list[dict[str, Any]]], teacher_acc: float 
         axes.plot([h["epoch"] for h in history], [h["student_acc"] for h in history], marker=".", label=label)
     if teacher_acc is not None and np.isfinite(teacher_acc):
         axes.axhline(teacher_acc, linestyle="--", color="grey", label=f"teacher {teacher_acc:.2f}%")
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes.set_xlabel("epoch")
     axes.set_ylabel("student top-1 on the test split (%)")
     axes.set_title(title)

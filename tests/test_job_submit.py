@@ -25,7 +25,9 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import yaml
 
+from muse.config import load_config
 from muse.teacher import ensure_teacher
 
 from conftest import FAST_DIGITS, fast_digits_config
@@ -166,3 +168,27 @@ def test_run_py_as_a_ray_job(head, tmp_path, teacher_dir, digits_splits):
     summary = json.loads((out_dir / "summary.json").read_text())
     assert summary["epochs_done"] == 2 and summary["kd_steps"] == 10
     assert (out_dir / "student.pt").is_file()
+
+
+def test_a_sweep_as_a_ray_job(head, tmp_path, teacher_dir, digits_splits):
+    url, gcs_address = head
+    teacher = fast_digits_config(tmp_path, teacher_dir)
+    ensure_teacher(teacher, digits_splits)
+    sweep = tmp_path / "job_sweep.yaml"
+    sweep.write_text(yaml.safe_dump({
+        "config": "digits", "output_dir": str(tmp_path / "sweep"), "search": {"algorithm": "grid"},
+        "overrides": [*FAST_DIGITS, *TINY, f"teacher.checkpoint={teacher.teacher_checkpoint}",
+                      "ray.generators.num_cpus=0.45", "ray.train.cpus_per_worker=0.45"],  # two trials at once
+        "space": {"loss.kr": {"grid": [0.0, 1.0]}}, "max_concurrent_trials": 2}))
+    submit = [str(RAY_CLI), "job", "submit", "--address", url, "--working-dir", str(REPO),
+              "--runtime-env-json", json.dumps({"excludes": EXCLUDES}),
+              "--", "python", "sweeps/run.py", str(sweep)]
+    job = subprocess.run(submit, env=ray_env(RAY_AUTH_MODE="token"), capture_output=True, text=True,
+                         timeout=JOB_TIMEOUT_S)
+    output = job.stdout + job.stderr
+    assert job.returncode == 0, output[-5000:]
+    assert f"Connecting to existing Ray cluster at address: {gcs_address}" in output, output[-5000:]
+    for kr in ("0", "1"):  # the results table: both trials ran to the end
+        assert re.search(rf"^trial_\w+ +\| done +\| {kr} +\|", output, re.MULTILINE), output[-3000:]
+    assert (tmp_path / "sweep" / "results.csv").read_text().count("\n") == 3
+    assert load_config(tmp_path / "sweep" / "best_config.yaml").loss.kr in (0.0, 1.0)
