@@ -66,10 +66,12 @@ class Distribution(Spec):
     def kind(self) -> str:
         return next(name for name in KINDS if getattr(self, name) is not None)
 
-    def example(self) -> Any:
-        """A value from the distribution, used to check that the field accepts it."""
+    def extremes(self) -> list[Any]:
+        """Every listed value (choice, grid, mutate) or both ends of a range: what a field must accept."""
         value = getattr(self, self.kind)
-        return value[0]
+        if self.kind == "randint":
+            return [value[0], value[1] - 1]
+        return [*value, *(self.mutate or [])]
 
     def to_tune(self) -> Any:
         value = getattr(self, self.kind)
@@ -169,8 +171,10 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> tuple[Sw
     base_overrides = [*spec.overrides, *(overrides or [])]
     base = load_config(spec.config, base_overrides)
     for key, distribution in spec.space.items():
-        try:
-            load_config(spec.config, [*base_overrides, f"{key}={json.dumps(distribution.example())}"])
-        except ConfigError as error:
-            raise ConfigError(f"sweep file {str(path)!r}: space entry {key!r} does not fit the run config: {error}") from None
+        for value in distribution.extremes():
+            try:
+                load_config(spec.config, [*base_overrides, f"{key}={json.dumps(value)}"])
+            except ConfigError as error:
+                raise ConfigError(f"sweep file {str(path)!r}: space entry {key!r} value {json.dumps(value)} does "
+                                  f"not fit the run config: {error}") from None
     return spec, base

@@ -43,8 +43,9 @@ def test_shipped_sweeps_are_valid(path):
 
 
 @pytest.mark.parametrize("fields, message", [
-    ({"space": {"loss.nope": {"choice": [1, 2]}}}, "space entry 'loss.nope' does not fit the run config"),
-    ({"space": {"loss.kr": {"choice": [-1.0]}}}, "space entry 'loss.kr' does not fit"),
+    ({"space": {"loss.nope": {"choice": [1, 2]}}}, "space entry 'loss.nope' value 1 does not fit the run config"),
+    ({"space": {"loss.kr": {"choice": [1.0, -1.0]}}}, "space entry 'loss.kr' value -1.0 does not fit"),
+    ({"space": {"resolution.weights": {"choice": [[1, 1], [1, 2, 3]]}}}, "resolution.weights has 3 entries"),
     ({"space": {"loss.kr": {"uniform": [0, 1], "choice": [1]}}}, "give exactly one of"),
     ({"space": {"loss.kr": {"loguniform": [0, 1]}}}, "low > 0"),
     ({"search": {"algorithm": "optuna"}, "space": {"loss.kr": {"grid": [0, 1]}}}, "optuna samples the space itself"),
