@@ -33,7 +33,7 @@ import ray
 import yaml
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTraining
-from ray.tune.search import BasicVariantGenerator
+from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
 
 from muse.cli import add_tracking_flags, tracking_overrides
@@ -134,7 +134,7 @@ def run_sweep(spec: SweepSpec, base: RunConfig) -> SweepOutcome:
         tune.with_resources(tune.with_parameters(run_trial, sweep=payload), tune.PlacementGroupFactory(bundles)),
         param_space=spec.param_space(),
         tune_config=tune.TuneConfig(metric=spec.metric, mode=spec.mode, num_samples=spec.num_samples,
-                                    max_concurrent_trials=concurrency, search_alg=_search(spec),
+                                    search_alg=_search(spec, concurrency),
                                     scheduler=_scheduler(spec, base), trial_name_creator=_trial_name,
                                     trial_dirname_creator=_trial_name),
         # A trial's last result (the only one with `epochs_done` at the end) stops it before any
@@ -220,10 +220,12 @@ def concurrent_trials(requested: int, demand: dict[str, float], available: dict[
     return min(requested, fits)
 
 
-def _search(spec: SweepSpec) -> Any:
+def _search(spec: SweepSpec, concurrency: int) -> Any:
+    # Tune's max_concurrent_trials is ignored (with a warning) for a BasicVariantGenerator instance:
+    # each search algorithm gets the limit itself.
     if spec.search.algorithm == "optuna":
-        return OptunaSearch(seed=spec.search.seed)
-    return BasicVariantGenerator(random_state=spec.search.seed)
+        return ConcurrencyLimiter(OptunaSearch(seed=spec.search.seed), max_concurrent=concurrency)
+    return BasicVariantGenerator(random_state=spec.search.seed, max_concurrent=concurrency)
 
 
 def _scheduler(spec: SweepSpec, cfg: RunConfig) -> Any:
