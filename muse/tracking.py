@@ -14,7 +14,9 @@ logs each epoch as it happens, a sweep's trials open child runs under the sweep'
 from __future__ import annotations
 
 import os
+import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -37,7 +39,6 @@ class NullTracker:
     """Tracking switched off: every call does nothing."""
 
     run_id: str | None = None
-    uri: str | None = None
     handle: dict[str, str] | None = None  # what another process needs to log to this run
 
     def log_epoch(self, epoch: int, metrics: dict[str, Any]) -> None: ...
@@ -60,8 +61,7 @@ def open_store(uri: str, experiment: str, artifact_root: Path) -> tuple[MlflowCl
     """A client of the store at `uri` and the id of `experiment` there, created if new: with its artifacts
     under the absolute `artifact_root` for a local store, where the server says for a tracking server.
     An unreachable or broken store is a ConfigError."""
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    _fail_fast()
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(uri)
@@ -77,14 +77,37 @@ def open_store(uri: str, experiment: str, artifact_root: Path) -> tuple[MlflowCl
     return client, experiment_id
 
 
+def _fail_fast() -> None:
+    # MLflow retries an HTTP request 7 times with backoff, 120 s each, by default: a server that is down
+    # would stall a run for minutes at every call. Set in every process that logs (Ray workers too).
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+
+
 class MlflowTracker(NullTracker):
-    """Logs to the MLflow run `run_id` of the store at `uri`."""
+    """Logs to the MLflow run `run_id` of the store at `uri`.
+
+    A store that fails once the run is under way (server restarted, disk full) must not end hours of
+    training: the first failed call warns, and the run goes on untracked (its output folder still holds
+    the summary, the student and the checkpoints)."""
 
     def __init__(self, uri: str, run_id: str) -> None:
+        _fail_fast()
         from mlflow.tracking import MlflowClient
 
         self.uri, self.run_id = uri, run_id
         self.client = MlflowClient(uri)
+        self.failure: str | None = None
+
+    def _safely(self, what: str, call: Callable[[], Any]) -> None:
+        if self.failure is not None:
+            return
+        try:
+            call()
+        except Exception as error:  # any store or network error: see the class docstring
+            self.failure = f"{what}: {type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}"
+            sys.stderr.write(f"warning: MLflow logging to {self.uri} (run {self.run_id}) failed ({self.failure}); "
+                             "the run goes on WITHOUT tracking\n")
 
     @classmethod
     def start(cls, cfg: RunConfig, run_name: str | None = None, parent_run_id: str | None = None,
@@ -124,31 +147,32 @@ class MlflowTracker(NullTracker):
         now = int(time.time() * 1000)
         numeric = [Metric(k, float(v), now, epoch) for k, v in metrics.items()
                    if isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v)]
-        self.client.log_batch(self.run_id, metrics=numeric)
+        self._safely("log metrics", lambda: self.client.log_batch(self.run_id, metrics=numeric))
 
     def log_visuals(self, epoch: int, records: dict[int, SynthesisRecord], teacher: torch.nn.Module | None,
                     info: DatasetInfo, teacher_input: str) -> None:
         from muse.visuals import epoch_visuals
 
-        for path, picture in epoch_visuals(epoch, records, teacher, info, teacher_input).items():
-            self.client.log_image(self.run_id, picture, artifact_file=path)
+        if self.failure is None:
+            for path, picture in epoch_visuals(epoch, records, teacher, info, teacher_input).items():
+                self._safely("log an image", lambda: self.client.log_image(self.run_id, picture, artifact_file=path))
 
     def log_accuracy_curve(self, history: list[dict[str, Any]], teacher_acc: float | None, title: str) -> None:
         from muse.visuals import accuracy_curves
 
-        if history:
-            self.client.log_figure(self.run_id, accuracy_curves({"student": history}, teacher_acc, title),
-                                   "accuracy_curve.png")
+        if history and self.failure is None:
+            figure = accuracy_curves({"student": history}, teacher_acc, title)
+            self._safely("log the accuracy curve", lambda: self.client.log_figure(self.run_id, figure, "accuracy_curve.png"))
 
     def set_tags(self, tags: dict[str, str]) -> None:
         for key, value in tags.items():
-            self.client.set_tag(self.run_id, key, value)
+            self._safely("set a tag", lambda: self.client.set_tag(self.run_id, key, value))
 
     def finish(self, files: list[Path], status: str = "FINISHED") -> None:
         for path in files:
             if Path(path).exists():
-                self.client.log_artifact(self.run_id, str(path))
-        self.client.set_terminated(self.run_id, status=status)
+                self._safely("log a file", lambda: self.client.log_artifact(self.run_id, str(path)))
+        self._safely("end the run", lambda: self.client.set_terminated(self.run_id, status=status))
 
 
 def create_tracker(cfg: RunConfig, run_name: str | None = None, parent_run_id: str | None = None,

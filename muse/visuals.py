@@ -76,18 +76,19 @@ def epoch_visuals(epoch: int, records: dict[int, SynthesisRecord], teacher: torc
     return pictures
 
 
-def accuracy_curves(curves: dict[str, list[dict[str, Any]]], teacher_acc: float | None,
-                    title: str) -> Figure:
-    """Student top-1 per epoch, one line per run (a run's history entries), the teacher as a dashed line."""
+def accuracy_curves(curves: dict[str, list[dict[str, Any]]], teacher_acc: float | None, title: str,
+                    key: str = "student_acc") -> Figure:
+    """`key` (student top-1 by default) per epoch, one line per run (a run's history entries), the
+    teacher as a dashed line."""
     figure = Figure(figsize=(6.4, 4.0), dpi=100)
     axes = figure.add_subplot()
     for label, history in curves.items():
-        axes.plot([h["epoch"] for h in history], [h["student_acc"] for h in history], marker=".", label=label)
+        axes.plot([h["epoch"] for h in history], [h[key] for h in history], marker=".", label=label)
     if teacher_acc is not None and np.isfinite(teacher_acc):
         axes.axhline(teacher_acc, linestyle="--", color="grey", label=f"teacher {teacher_acc:.2f}%")
     axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes.set_xlabel("epoch")
-    axes.set_ylabel("student top-1 on the test split (%)")
+    axes.set_ylabel("student top-1 on the test split (%)" if key == "student_acc" else key)
     axes.set_title(title)
     axes.grid(alpha=0.3)
     axes.legend(fontsize="small")

@@ -36,7 +36,8 @@ from ray.train.torch import TorchTrainer
 from muse.cli import add_tracking_flags, format_summary, tracking_overrides
 from muse.config import ConfigError, RunConfig, load_config, parse_overrides, validate_config, with_overrides
 from muse.data import DatasetError, load_dataset
-from muse.engine import SynthesisTally, build_summary, finish_tracking, resolve_device, save_outputs
+from muse.engine import (SynthesisTally, build_summary, finish_tracking, history_metrics, resolve_device,
+                         save_outputs)
 from muse.tracking import NullTracker, create_tracker
 from muse.teacher import ensure_teacher
 from orchestration.generator_actor import create_generator_actors, wait_until_ready
@@ -136,6 +137,9 @@ def run(cfg: RunConfig, checkpoint: ray.train.Checkpoint | None = None, stop_aft
     owns_tracker = tracker is None
     if tracker is None:
         tracker = create_tracker(cfg)  # an unreachable tracking server fails here, before any work
+        if checkpoint is not None:  # a resumed run's MLflow run starts with the epochs before the resume
+            for entry in _saved_history(checkpoint):
+                tracker.log_epoch(entry["epoch"], history_metrics(entry))
     store_name = f"muse-weights-{uuid.uuid4().hex[:8]}"
     store = create_weight_store(store_name)
     g = cfg.ray.generators
@@ -169,6 +173,11 @@ def run(cfg: RunConfig, checkpoint: ray.train.Checkpoint | None = None, stop_aft
     if owns_tracker:
         finish_tracking(tracker, cfg, summary, step=summary["epochs_done"])
     return summary
+
+
+def _saved_history(checkpoint: ray.train.Checkpoint) -> list[dict[str, Any]]:
+    with checkpoint.as_directory() as directory:
+        return torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=True)["history"]
 
 
 def summarize(cfg: RunConfig, checkpoint: ray.train.Checkpoint, wall_s: float) -> dict[str, Any]:

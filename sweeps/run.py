@@ -103,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         if started_cluster:
             ray.shutdown()
     print(format_table(spec, outcome.rows))
+    print(f"trials: {len(outcome.rows)}, at most {outcome.concurrency} at a time")
     print(f"results: {outcome.directory / 'results.csv'}")
     if outcome.best_config:
         print(f"best: {outcome.best.trial} → {outcome.best_config}")
@@ -124,34 +125,34 @@ def run_sweep(spec: SweepSpec, base: RunConfig) -> SweepOutcome:
     concurrency = concurrent_trials(spec.max_concurrent_trials, demand, ray.cluster_resources())
     parent = create_tracker(base.model_copy(update={"output_dir": root}), run_name=spec.name,
                             tags={"muse.sweep": spec.name})
-    if isinstance(parent, MlflowTracker):
-        parent.log_params(_sweep_params(spec, concurrency))
-    payload = {"base": base.model_dump(mode="json"), "root": str(root), "metric": spec.metric, "name": spec.name,
-               "parent_run_id": parent.run_id,
-               "pbt_interval": spec.scheduler.perturbation_interval if spec.scheduler.kind == "pbt" else None}
-    random.seed(spec.scheduler.seed)  # PBT explores with Python's random module in this process
-    tuner = tune.Tuner(
-        tune.with_resources(tune.with_parameters(run_trial, sweep=payload), tune.PlacementGroupFactory(bundles)),
-        param_space=spec.param_space(),
-        tune_config=tune.TuneConfig(metric=spec.metric, mode=spec.mode, num_samples=spec.num_samples,
-                                    search_alg=_search(spec, concurrency),
-                                    scheduler=_scheduler(spec, base), trial_name_creator=_trial_name,
-                                    trial_dirname_creator=_trial_name),
-        # A trial's last result (the only one with `epochs_done` at the end) stops it before any
-        # scheduler sees it: PBT must not clone a finished trial into one that reports it again.
-        run_config=tune.RunConfig(name=TUNE_DIR, storage_path=str(root), verbose=1, stop=_Finished(total_epochs(base))),
-    )
     try:
-        grid = tuner.fit()
-        rows = [_row(result, spec, base) for result in grid]
+        if isinstance(parent, MlflowTracker):
+            parent.log_params(_sweep_params(spec, concurrency))
+        payload = {"base": base.model_dump(mode="json"), "root": str(root), "metric": spec.metric, "name": spec.name,
+                   "parent_run_id": parent.run_id,
+                   "pbt_interval": spec.scheduler.perturbation_interval if spec.scheduler.kind == "pbt" else None}
+        random.seed(spec.scheduler.seed)  # PBT explores with Python's random module in this process
+        tuner = tune.Tuner(
+            tune.with_resources(tune.with_parameters(run_trial, sweep=payload), tune.PlacementGroupFactory(bundles)),
+            param_space=spec.param_space(),
+            tune_config=tune.TuneConfig(metric=spec.metric, mode=spec.mode, num_samples=spec.num_samples,
+                                        search_alg=_search(spec, concurrency), scheduler=_scheduler(spec, base),
+                                        trial_name_creator=_trial_name, trial_dirname_creator=_trial_name),
+            # A trial's last result (the only one with `epochs_done` at the end) stops it before any
+            # scheduler sees it: PBT must not clone a finished trial into one that reports it again.
+            run_config=tune.RunConfig(name=TUNE_DIR, storage_path=str(root), verbose=1,
+                                      stop=_Finished(total_epochs(base))),
+        )
+        rows = [_row(result, spec, base) for result in tuner.fit()]
+        best = _best(rows, spec.mode)
+        best_config = _write_best_config(user_base, best, spec, root) if best else None
+        _write_results(rows, spec, root)
+        _finish_parent(parent, spec, rows, best, root, best_config)
     except BaseException:
         parent.finish([], status="FAILED")
         raise
-    best = _best(rows, spec.mode)
-    best_config = _write_best_config(user_base, best, spec, root) if best else None
-    _write_results(rows, spec, root)
-    _close_trial_runs(parent)
-    _finish_parent(parent, spec, rows, best, root, best_config)
+    finally:
+        _close_trial_runs(parent)  # whatever happened, no trial run is left RUNNING
     return SweepOutcome(root, rows, best, best_config, concurrency, parent.run_id)
 
 
@@ -199,7 +200,8 @@ def trial_resources(spec: SweepSpec, cfg: RunConfig) -> tuple[dict[str, float], 
     g, t = cfg.ray.generators, cfg.ray.train
     generator = {"CPU": g.num_cpus, **({"GPU": g.num_gpus} if g.num_gpus else {}), **g.resources}
     worker = {"CPU": t.cpus_per_worker, **({"GPU": 1.0} if t.use_gpu else {}), **t.resources}
-    bundles = [{"CPU": spec.driver_cpus}] + [generator] * g.count
+    generator = {name: amount for name, amount in generator.items() if amount > 0}  # Ray rejects empty bundles
+    bundles = [{"CPU": spec.driver_cpus}] + ([generator] * g.count if generator else [])
     demand: dict[str, float] = {}
     for bundle in [*bundles, *[worker] * max(t.count, 1)]:
         for name, amount in bundle.items():
@@ -239,7 +241,8 @@ def _scheduler(spec: SweepSpec, cfg: RunConfig) -> Any:
         return PopulationBasedTraining(time_attr="training_iteration", perturbation_interval=1,
                                        hyperparam_mutations=spec.pbt_mutations(),
                                        quantile_fraction=s.quantile_fraction,
-                                       resample_probability=s.resample_probability, synch=s.synch)
+                                       resample_probability=s.resample_probability, synch=s.synch,
+                                       custom_explore_fn=spec.clip_to_space)
     return FIFOScheduler()
 
 
@@ -248,8 +251,8 @@ def _row(result: Any, spec: SweepSpec, cfg: RunConfig) -> TrialRow:
     history = []
     if frame is not None and spec.metric in frame:
         frame = frame.dropna(subset=[spec.metric])
-        history = [{"epoch": int(e), "student_acc": float(v)} for e, v in zip(frame["epoch"], frame[spec.metric])]
-    values = [h["student_acc"] for h in history]
+        history = [{"epoch": int(e), spec.metric: float(v)} for e, v in zip(frame["epoch"], frame[spec.metric])]
+    values = [h[spec.metric] for h in history]
     finished = bool(history) and history[-1]["epoch"] >= total_epochs(cfg) - 1
     status = "error" if result.error else ("done" if finished else "stopped")
     pick = max if spec.mode == "max" else min
@@ -258,9 +261,9 @@ def _row(result: Any, spec: SweepSpec, cfg: RunConfig) -> TrialRow:
 
 
 def _best(rows: list[TrialRow], mode: str) -> TrialRow | None:
-    """The trial with the best final value (of those with one); final, not best-over-epochs, because
-    the best epoch is picked on the same test split it is scored on."""
-    scored = [r for r in rows if r.final is not None]
+    """The trial with the best final value among those that did not fail; final, not best-over-epochs,
+    because the best epoch is picked on the same test split it is scored on."""
+    scored = [r for r in rows if r.final is not None and r.status != "error"]
     if not scored:
         return None
     return (max if mode == "max" else min)(scored, key=lambda r: r.final)
@@ -272,6 +275,10 @@ def _write_best_config(user_base: RunConfig, best: TrialRow, spec: SweepSpec, ro
     header = (f"# Best trial of sweep {spec.name!r} ({best.trial}): final {spec.metric} {best.final:.2f}, "
               f"best {best.best:.2f} over {best.evaluations} evaluations.\n"
               f"# Run it: muse distill --config {root / 'best_config.yaml'}\n")
+    if spec.scheduler.kind == "pbt":
+        header += (f"# PBT: this is the trial's last config; it trained under earlier ones and cloned other trials'\n"
+                   f"# weights on the way (see {root / 'trials' / best.trial / 'segments.jsonl'}), so a run of this\n"
+                   "# file from scratch is a new experiment, not a replay.\n")
     path = root / "best_config.yaml"
     atomic_write(path, lambda tmp: tmp.write_text(header + yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)))
     return path
@@ -293,7 +300,7 @@ def format_table(spec: SweepSpec, rows: list[TrialRow]) -> str:
     header = ["trial", "status", *spec.space, f"final {spec.metric}", "best", "evals"]
     body = [[r.trial, r.status, *(_short(r.params[k]) for k in spec.space),
              f"{r.final:.2f}" if r.final is not None else "-", f"{r.best:.2f}" if r.best is not None else "-",
-             str(r.evaluations)] for r in sorted(rows, key=lambda r: (r.final is None, -(r.final or 0.0)))]
+             str(r.evaluations)] for r in sorted(rows, key=lambda r: _rank(r, spec.mode))]
     widths = [max(len(str(c)) for c in column) for column in zip(header, *body)]
     lines = [" | ".join(str(c).ljust(w) for c, w in zip(line, widths)) for line in [header, *body]]
     lines.insert(1, "-+-".join("-" * w for w in widths))
@@ -302,6 +309,12 @@ def format_table(spec: SweepSpec, rows: list[TrialRow]) -> str:
 
 def _csv_value(value: Any) -> Any:
     return json.dumps(value) if isinstance(value, (list, dict)) else value
+
+
+def _rank(row: TrialRow, mode: str) -> tuple[bool, float]:
+    """Sort key: best first, trials without a value last."""
+    value = row.final if row.final is not None else 0.0
+    return row.final is None, -value if mode == "max" else value
 
 
 def _short(value: Any) -> str:
@@ -317,15 +330,19 @@ def _sweep_params(spec: SweepSpec, concurrency: int) -> dict[str, Any]:
 
 
 def _close_trial_runs(parent: NullTracker) -> None:
-    """Child runs still RUNNING belong to trials the scheduler stopped (their process was ended)."""
+    """Child runs still RUNNING belong to trials the scheduler stopped (their process was ended) or that a
+    failed sweep left behind."""
     if not isinstance(parent, MlflowTracker):
         return
-    run = parent.client.get_run(parent.run_id)
-    children = parent.client.search_runs([run.info.experiment_id],
-                                         filter_string=f"tags.`{PARENT_RUN_TAG}` = '{parent.run_id}'")
-    for child in children:
-        if child.info.status == "RUNNING":
-            parent.client.set_terminated(child.info.run_id, status="KILLED")
+    try:
+        run = parent.client.get_run(parent.run_id)
+        children = parent.client.search_runs([run.info.experiment_id],
+                                             filter_string=f"tags.`{PARENT_RUN_TAG}` = '{parent.run_id}'")
+        for child in children:
+            if child.info.status == "RUNNING":
+                parent.client.set_terminated(child.info.run_id, status="KILLED")
+    except Exception as error:  # the store is gone: nothing more to close, and the sweep's own error matters more
+        print(f"warning: could not close the trials' MLflow runs: {type(error).__name__}: {error}", file=sys.stderr)
 
 
 def _finish_parent(parent: NullTracker, spec: SweepSpec, rows: list[TrialRow], best: TrialRow | None, root: Path,
@@ -340,7 +357,7 @@ def _finish_parent(parent: NullTracker, spec: SweepSpec, rows: list[TrialRow], b
         parent.set_tags({"best_trial": best.trial})
     curves = {r.trial: r.history for r in rows if r.history}
     if curves:
-        parent.client.log_figure(parent.run_id, accuracy_curves(curves, None, f"sweep {spec.name}"),
+        parent.client.log_figure(parent.run_id, accuracy_curves(curves, None, f"sweep {spec.name}", key=spec.metric),
                                  "trials_accuracy.png")
     spec_file = root / "sweep.yaml"
     atomic_write(spec_file, lambda tmp: tmp.write_text(yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False)))

@@ -106,7 +106,8 @@ class SweepSpec(Spec):
     config: str = Field("digits", description="base run config: shipped name or YAML path")
     overrides: list[str] = Field(default_factory=list, description="dotted overrides for every trial")
     output_dir: Path | None = Field(None, description="default runs/sweeps/<name>")
-    metric: str = "student_acc"
+    metric: str = Field("student_acc", pattern=r"^(student_acc|loss_\w+)$",
+                        description="a per-evaluation metric: student_acc, or a distillation loss such as loss_kd")
     mode: Literal["max", "min"] = "max"
     num_samples: int = Field(1, ge=1, description="trials (times each grid combination)")
     max_concurrent_trials: int = Field(1, ge=1, description="capped by what the cluster can hold at once")
@@ -141,6 +142,16 @@ class SweepSpec(Spec):
     def param_space(self) -> dict[str, Any]:
         return {key: d.to_tune() for key, d in self.space.items()}
 
+    def clip_to_space(self, config: dict[str, Any]) -> dict[str, Any]:
+        """PBT perturbs a continuous value by ×0.8 or ×1.2 without bounds: bring it back into its range."""
+        for key, d in self.space.items():
+            bounds = d.uniform or d.loguniform or d.randint
+            if bounds is not None and key in config:
+                low, high = bounds if d.randint is None else (bounds[0], bounds[1] - 1)
+                value = min(max(config[key], low), high)
+                config[key] = int(round(value)) if d.randint is not None else float(value)
+        return config
+
     def pbt_mutations(self) -> dict[str, Any]:
         """PBT's hyperparam_mutations: lists for categorical fields (PBT shifts to a neighbour), domains
         for continuous ones."""
@@ -149,7 +160,7 @@ class SweepSpec(Spec):
 
 def load_sweep(path: str | Path, overrides: list[str] | None = None) -> tuple[SweepSpec, RunConfig]:
     """The sweep at `path` and its base run config (sweep overrides, then `overrides`, applied). Every
-    space field is checked against the run config with one of its values."""
+    space field is checked against the run config with each listed value, or both ends of its range."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"sweep file {str(path)!r} not found; give a YAML file such as sweeps/loss_weights.yaml")
@@ -170,6 +181,9 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> tuple[Sw
         raise ConfigError(f"sweep file {str(path)!r}: {problems}") from None
     base_overrides = [*spec.overrides, *(overrides or [])]
     base = load_config(spec.config, base_overrides)
+    if base.ray.train.count < 1:
+        raise ConfigError(f"sweep file {str(path)!r}: ray.train.count must be >= 1 in a sweep (each trial fits a "
+                          "TorchTrainer with its workers; Train's local mode, count 0, does not report to Tune)")
     for key, distribution in spec.space.items():
         for value in distribution.extremes():
             try:

@@ -69,8 +69,7 @@ def run_trial(params: dict[str, Any], sweep: dict[str, Any]) -> None:
 def _train_in_segments(cfg: RunConfig, params: dict[str, Any], trial_root: Path, tracker: NullTracker,
                        metric: str, interval: int) -> tuple[RunConfig, dict[str, Any]]:
     """Train to the end in segments, reporting each but the last to Tune with its checkpoint."""
-    donor = tune.get_checkpoint()  # the donor's after an exploit, else None
-    checkpoint = ray.train.Checkpoint(donor.path, filesystem=donor.filesystem) if donor else None
+    checkpoint = tune.get_checkpoint()  # the donor's after an exploit, else None
     epoch = _epochs_done(checkpoint) if checkpoint else 0
     total = cfg.synthesis.warmup + cfg.distill.epochs
     resumed_from = checkpoint.path if checkpoint else None
@@ -125,8 +124,14 @@ def trial_tracker(cfg: RunConfig, trial_id: str, trial_name: str, parent_run_id:
     if not cfg.tracking.enabled or parent_run_id is None:
         return NullTracker()
     uri = tracking_uri(cfg)
-    client, experiment_id = open_store(uri, cfg.tracking.experiment, cfg.output_dir / "mlartifacts")
-    found = client.search_runs([experiment_id], filter_string=f"tags.`{TRIAL_TAG}` = '{trial_id}'", max_results=1)
+    try:
+        client, experiment_id = open_store(uri, cfg.tracking.experiment, cfg.output_dir / "mlartifacts")
+        found = client.search_runs([experiment_id], filter_string=f"tags.`{TRIAL_TAG}` = '{trial_id}'", max_results=1)
+    except Exception as error:
+        if cfg.tracking.required:
+            raise
+        print(f"warning: trial {trial_name} continues WITHOUT tracking: {error}")
+        return NullTracker()
     if found:
         return MlflowTracker(uri, found[0].info.run_id)
     return create_tracker(cfg, run_name=trial_name, parent_run_id=parent_run_id,

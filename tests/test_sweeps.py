@@ -13,8 +13,8 @@ from ray.util.state import list_actors, list_placement_groups
 
 from muse.config import ConfigError, load_config
 from muse.teacher import ensure_teacher
-from sweeps.run import concurrent_trials, format_table, run_sweep, trial_resources
-from sweeps.spec import load_sweep
+from sweeps.run import TrialRow, _best, _search, concurrent_trials, format_table, run_sweep, trial_resources
+from sweeps.spec import SweepSpec, load_sweep
 from sweeps.trial import SEGMENT_LOG
 
 from conftest import FAST_DIGITS, train_ready_cluster
@@ -52,6 +52,8 @@ def test_shipped_sweeps_are_valid(path):
     ({"scheduler": {"kind": "pbt"}, "space": {"resolution.schedule": {"choice": ["cycle"]}}}, "PBT needs a population"),
     ({"space": {"loss.kr": {"choice": [0, 1], "mutate": [0, 1]}}}, "`mutate` lists are for scheduler.kind=pbt"),
     ({"space": {}}, "space"),
+    ({"metric": "student_accuracy"}, "metric"),
+    ({"overrides": ["ray.train.count=0"]}, "ray.train.count must be >= 1 in a sweep"),
 ])
 def test_bad_sweeps_are_clear_errors(tmp_path, fields, message):
     path = tmp_path / "bad.yaml"
@@ -75,6 +77,39 @@ def test_trial_reserves_driver_and_generators_and_counts_train_workers():
     assert concurrent_trials(4, demand, {"CPU": 4.0}) == 2  # capped: two whole trials fit
     with pytest.raises(ConfigError, match="one trial needs"):
         concurrent_trials(1, demand, {"CPU": 1.0})
+
+
+def test_zero_cpu_generators_leave_no_empty_bundle():
+    spec, _ = load_sweep(SWEEPS / "kr_schedules.yaml")
+    _, bundles = trial_resources(spec, load_config("digits", ["ray.generators.num_cpus=0"]))
+    assert bundles == [{"CPU": spec.driver_cpus}]
+
+
+def test_each_search_algorithm_holds_the_concurrency_limit():
+    grid, _ = load_sweep(SWEEPS / "kr_schedules.yaml")
+    optuna, _ = load_sweep(SWEEPS / "loss_weights.yaml")
+    assert _search(grid, 1).max_concurrent == 1  # Tune ignores max_concurrent_trials for this one
+    assert _search(optuna, 3).max_concurrent == 3
+
+
+def test_pbt_perturbations_stay_in_their_range():
+    spec = SweepSpec(name="s", scheduler={"kind": "pbt"}, num_samples=2,
+                     space={"loss.kr": {"loguniform": [0.1, 2.0]}, "distill.kd_steps": {"randint": [5, 10]},
+                            "resolution.schedule": {"choice": ["cycle", "random"]}})
+    perturbed = {"loss.kr": 2.4, "distill.kd_steps": 3.2, "resolution.schedule": "cycle"}
+    assert spec.clip_to_space(perturbed) == {"loss.kr": 2.0, "distill.kd_steps": 5, "resolution.schedule": "cycle"}
+    assert spec.clip_to_space({"loss.kr": 0.5, "distill.kd_steps": 12.0})["distill.kd_steps"] == 9
+
+
+def test_best_trial_skips_failed_ones_and_the_table_follows_the_mode():
+    spec = SweepSpec(name="s", metric="loss_kd", mode="min", space={"loss.kr": {"choice": [0.0, 1.0]}})
+    rows = [TrialRow("a", "error", {"loss.kr": 0.0}, 0.1, 0.1, 1, []),
+            TrialRow("b", "done", {"loss.kr": 1.0}, 0.5, 0.4, 2, []),
+            TrialRow("c", "stopped", {"loss.kr": 0.5}, 0.3, 0.3, 1, []),
+            TrialRow("d", "error", {"loss.kr": 0.2}, None, None, 0, [])]
+    assert _best(rows, "min").trial == "c"
+    order = [line.split(" | ")[0].strip() for line in format_table(spec, rows).splitlines()[2:]]
+    assert order == ["a", "c", "b", "d"]  # lowest loss first, trials without a value last
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ from mlflow.tracking import MlflowClient
 
 from muse.config import ConfigError
 from muse.engine import run_distillation
-from muse.tracking import create_tracker
+from muse.tracking import MlflowTracker, create_tracker
 
 from conftest import fast_digits_config
 
@@ -77,6 +77,15 @@ def test_cam_overlays_and_accuracy_curve_are_pngs(tracked, tmp_path):
     assert len(throughput) == 3 and all(m.value > 0 for m in throughput)
     final = client.get_metric_history(run.info.run_id, "final_student_acc")
     assert [m.value for m in final] == pytest.approx([summary["student_acc"]])
+
+
+def test_a_store_failing_mid_run_warns_once_and_the_run_goes_on(capsys):
+    tracker = MlflowTracker("http://127.0.0.1:9", "no-such-run")  # nothing listens on port 9
+    tracker.log_epoch(0, {"student_acc": 50.0})
+    tracker.set_tags({"a": "b"})
+    tracker.finish([])
+    assert tracker.failure.startswith("log metrics: ")
+    assert capsys.readouterr().err.count("goes on WITHOUT tracking") == 1
 
 
 @pytest.fixture
