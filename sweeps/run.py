@@ -125,6 +125,7 @@ def run_sweep(spec: SweepSpec, base: RunConfig) -> SweepOutcome:
     concurrency = concurrent_trials(spec.max_concurrent_trials, demand, ray.cluster_resources())
     parent = create_tracker(base.model_copy(update={"output_dir": root}), run_name=spec.name,
                             tags={"muse.sweep": spec.name})
+    rows: list[TrialRow] = []
     try:
         if isinstance(parent, MlflowTracker):
             parent.log_params(_sweep_params(spec, concurrency))
@@ -152,7 +153,7 @@ def run_sweep(spec: SweepSpec, base: RunConfig) -> SweepOutcome:
         parent.finish([], status="FAILED")
         raise
     finally:
-        _close_trial_runs(parent)  # whatever happened, no trial run is left RUNNING
+        _close_trial_runs(parent, rows)  # whatever happened, no trial run is left RUNNING
     return SweepOutcome(root, rows, best, best_config, concurrency, parent.run_id)
 
 
@@ -329,18 +330,20 @@ def _sweep_params(spec: SweepSpec, concurrency: int) -> dict[str, Any]:
     return params | {f"space.{k}": json.dumps(d.model_dump(exclude_none=True)) for k, d in spec.space.items()}
 
 
-def _close_trial_runs(parent: NullTracker) -> None:
-    """Child runs still RUNNING belong to trials the scheduler stopped (their process was ended) or that a
-    failed sweep left behind."""
+def _close_trial_runs(parent: NullTracker, rows: list[TrialRow]) -> None:
+    """End the child runs still RUNNING: KILLED for trials the scheduler stopped (their process was
+    ended), FAILED for trials that raised, and for every trial of a sweep that failed (no rows)."""
     if not isinstance(parent, MlflowTracker):
         return
     try:
         run = parent.client.get_run(parent.run_id)
         children = parent.client.search_runs([run.info.experiment_id],
                                              filter_string=f"tags.`{PARENT_RUN_TAG}` = '{parent.run_id}'")
+        failed = {r.trial for r in rows if r.status == "error"}
         for child in children:
             if child.info.status == "RUNNING":
-                parent.client.set_terminated(child.info.run_id, status="KILLED")
+                status = "FAILED" if not rows or child.info.run_name in failed else "KILLED"
+                parent.client.set_terminated(child.info.run_id, status=status)
     except Exception as error:  # the store is gone: nothing more to close, and the sweep's own error matters more
         print(f"warning: could not close the trials' MLflow runs: {type(error).__name__}: {error}", file=sys.stderr)
 
@@ -355,7 +358,8 @@ def _finish_parent(parent: NullTracker, spec: SweepSpec, rows: list[TrialRow], b
         parent.log_epoch(0, {f"best_final_{spec.metric}": best.final, "trials": len(rows),
                              "trials_done": sum(r.status == "done" for r in rows)})
         parent.set_tags({"best_trial": best.trial})
-    curves = {r.trial: r.history for r in rows if r.history}
+    curves = {f"{r.trial}: " + ", ".join(f"{k}={_short(v)}" for k, v in r.params.items()): r.history
+              for r in rows if r.history}
     if curves:
         parent.client.log_figure(parent.run_id, accuracy_curves(curves, None, f"sweep {spec.name}", key=spec.metric),
                                  "trials_accuracy.png")

@@ -51,17 +51,15 @@ def run_trial(params: dict[str, Any], sweep: dict[str, Any]) -> None:
     cfg = with_overrides(validate_config(sweep["base"]), params | {"output_dir": str(next_segment(trial_root))})
     tracker = trial_tracker(cfg, trial_id, trial_name, sweep["parent_run_id"], sweep["name"])
     metric = sweep["metric"]
-    try:
-        if sweep["pbt_interval"]:
-            cfg, summary = _train_in_segments(cfg, params, trial_root, tracker, metric, sweep["pbt_interval"])
-        else:
-            _log_segment(trial_root, tracker, cfg, params, start_epoch=0, resumed_from=None)
-            last_epoch = cfg.synthesis.warmup + cfg.distill.epochs - 1
-            summary = run(cfg, tracker=tracker, callbacks=[EvaluationReportCallback(metric, last_epoch)])
-        finish_tracking(tracker, cfg, summary, step=summary["epochs_done"])
-    except Exception:
-        tracker.finish([], status="FAILED")
-        raise
+    # No FAILED on an exception here: a trial the scheduler stops can raise on its way out too. The
+    # driver closes every run left open, as FAILED or KILLED from what Tune says of the trial.
+    if sweep["pbt_interval"]:
+        cfg, summary = _train_in_segments(cfg, params, trial_root, tracker, metric, sweep["pbt_interval"])
+    else:
+        _log_segment(trial_root, tracker, cfg, params, start_epoch=0, resumed_from=None)
+        last_epoch = cfg.synthesis.warmup + cfg.distill.epochs - 1
+        summary = run(cfg, tracker=tracker, callbacks=[EvaluationReportCallback(metric, last_epoch)])
+    finish_tracking(tracker, cfg, summary, step=summary["epochs_done"])
     checkpoint = tune.Checkpoint.from_directory(summary["checkpoint"]) if sweep["pbt_interval"] else None
     tune.report(_result(summary, metric), checkpoint=checkpoint)
 
