@@ -57,7 +57,7 @@ class TrialRow:
     params: dict[str, Any]
     final: float | None
     best: float | None
-    evaluations: int
+    reports: int  # results Tune received: one per evaluated epoch (ASHA, FIFO) or per segment (PBT)
     history: list[dict[str, Any]]
 
 
@@ -274,7 +274,7 @@ def _write_best_config(user_base: RunConfig, best: TrialRow, spec: SweepSpec, ro
     cfg = with_overrides(user_base, best.params | {"output_dir": f"runs/{spec.name}-best",
                                                    "teacher.checkpoint": str(user_base.teacher_checkpoint.resolve())})
     header = (f"# Best trial of sweep {spec.name!r} ({best.trial}): final {spec.metric} {best.final:.2f}, "
-              f"best {best.best:.2f} over {best.evaluations} evaluations.\n"
+              f"best {best.best:.2f} over {best.reports} reports to Tune.\n"
               f"# Run it: muse distill --config {root / 'best_config.yaml'}\n")
     if spec.scheduler.kind == "pbt":
         header += (f"# PBT: this is the trial's last config; it trained under earlier ones and cloned other trials'\n"
@@ -289,19 +289,19 @@ def _write_results(rows: list[TrialRow], spec: SweepSpec, root: Path) -> Path:
     def write(tmp: Path) -> None:
         with tmp.open("w", newline="") as handle:
             writer = csv.writer(handle)
-            writer.writerow(["trial", "status", *spec.space, f"final_{spec.metric}", f"best_{spec.metric}", "evaluations"])
+            writer.writerow(["trial", "status", *spec.space, f"final_{spec.metric}", f"best_{spec.metric}", "reports"])
             for r in rows:
                 writer.writerow([r.trial, r.status, *(_csv_value(r.params[k]) for k in spec.space), r.final, r.best,
-                                 r.evaluations])
+                                 r.reports])
 
     return atomic_write(root / "results.csv", write)
 
 
 def format_table(spec: SweepSpec, rows: list[TrialRow]) -> str:
-    header = ["trial", "status", *spec.space, f"final {spec.metric}", "best", "evals"]
+    header = ["trial", "status", *spec.space, f"final {spec.metric}", "best", "reports"]
     body = [[r.trial, r.status, *(_short(r.params[k]) for k in spec.space),
              f"{r.final:.2f}" if r.final is not None else "-", f"{r.best:.2f}" if r.best is not None else "-",
-             str(r.evaluations)] for r in sorted(rows, key=lambda r: _rank(r, spec.mode))]
+             str(r.reports)] for r in sorted(rows, key=lambda r: _rank(r, spec.mode))]
     widths = [max(len(str(c)) for c in column) for column in zip(header, *body)]
     lines = [" | ".join(str(c).ljust(w) for c, w in zip(line, widths)) for line in [header, *body]]
     lines.insert(1, "-+-".join("-" * w for w in widths))
