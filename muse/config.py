@@ -252,6 +252,11 @@ class RunConfig(Section):
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
     @property
+    def total_epochs(self) -> int:
+        """Warm-up epochs (pool filling only) plus distillation epochs."""
+        return self.synthesis.warmup + self.distill.epochs
+
+    @property
     def teacher_checkpoint(self) -> Path:
         if self.teacher.checkpoint is not None:
             return self.teacher.checkpoint
@@ -293,6 +298,12 @@ def load_config(source: str | Path | None = None, overrides: list[str] | None = 
     for key, value in cli.items():
         _set_dotted(merged, key, value)
     return validate_config(merged)
+
+
+def error_summary(error: BaseException) -> str:
+    """`Type: first line of the message`, for one-line errors (library messages can run to pages)."""
+    lines = str(error).splitlines()
+    return f"{type(error).__name__}: {lines[0][:200] if lines else ''}"
 
 
 def with_overrides(cfg: RunConfig, values: dict[str, Any]) -> RunConfig:

@@ -97,7 +97,7 @@ def build_run(cfg: RunConfig, splits: ImageSplits | None = None) -> RunParts:
     teacher.to(device)
     embeddings = label_embeddings(cfg.embedding, teacher, info.num_classes, cfg.seed)
     student = StudentNet(cfg.student.arch, info.num_classes, info.in_chans, embeddings.shape[1])
-    total_epochs = cfg.synthesis.warmup + cfg.distill.epochs
+    total_epochs = cfg.total_epochs
     synthesizer = Synthesizer(cfg, teacher, embeddings, info.in_chans, info.mean, info.std, info.resolution, device)
     distiller = Distiller(cfg, student, teacher, embeddings, info.mean, info.std, info.resolution,
                           cfg.distill.epochs * cfg.distill.kd_steps, device)
@@ -121,7 +121,7 @@ def run_distillation(cfg: RunConfig, splits: ImageSplits | None = None, progress
         teacher_acc = accuracy(parts.teacher, parts.splits.test, cfg.data.eval_batch_size, parts.device)
     tally, history = SynthesisTally(), []
     sample_rng = np.random.default_rng(cfg.seed)
-    total_epochs = cfg.synthesis.warmup + cfg.distill.epochs
+    total_epochs = cfg.total_epochs
     tracker = create_tracker(cfg)
     try:
         _epochs(cfg, parts, tracker, tally, history, sample_rng, total_epochs, progress)

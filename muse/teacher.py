@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 import muse.models  # noqa: F401  (registers our architectures with timm)
-from muse.config import ConfigError, RunConfig
+from muse.config import ConfigError, RunConfig, error_summary
 from muse.data import DatasetInfo, ImageSplits
 from muse.distillation import cosine_schedule
 from muse.evaluate import accuracy
@@ -84,9 +84,8 @@ def load_teacher(path: Path, arch: str, info: DatasetInfo) -> tuple[nn.Module, d
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises many types for truncated/garbage/pickled files
-        raise ConfigError(f"teacher checkpoint {str(path)!r} cannot be read ({type(error).__name__}: "
-                          f"{str(error).splitlines()[0] if str(error) else ''}); delete it to retrain, or "
-                          "point teacher.checkpoint at a valid file") from None
+        raise ConfigError(f"teacher checkpoint {str(path)!r} cannot be read ({error_summary(error)}); delete it "
+                          "to retrain, or point teacher.checkpoint at a valid file") from None
     if isinstance(payload, dict) and payload.get("format") == CHECKPOINT_FORMAT:
         meta, state = payload["meta"], payload["state_dict"]
     elif isinstance(payload, dict) and payload and all(isinstance(v, torch.Tensor) for v in payload.values()):

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from muse.config import ConfigError, RunConfig
+from muse.config import ConfigError, RunConfig, error_summary
 
 if TYPE_CHECKING:
     import torch
@@ -71,8 +71,7 @@ def open_store(uri: str, experiment: str, artifact_root: Path) -> tuple[MlflowCl
         experiment_id = found.experiment_id if found else client.create_experiment(
             experiment, artifact_location=artifact_root.resolve().as_uri() if local else None)
     except Exception as error:  # MLflow raises several types for an unreachable or broken store
-        raise ConfigError(f"tracking.uri {uri!r} is not reachable ({type(error).__name__}: "
-                          f"{str(error).splitlines()[0][:200]}); start the server, fix tracking.uri "
+        raise ConfigError(f"tracking.uri {uri!r} is not reachable ({error_summary(error)}); start the server, fix tracking.uri "
                           "(--mlflow-uri), or set tracking.required=false to continue without tracking") from None
     return client, experiment_id
 
@@ -105,7 +104,7 @@ class MlflowTracker(NullTracker):
         try:
             call()
         except Exception as error:  # any store or network error: see the class docstring
-            self.failure = f"{what}: {type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}"
+            self.failure = f"{what}: {error_summary(error)}"
             sys.stderr.write(f"warning: MLflow logging to {self.uri} (run {self.run_id}) failed ({self.failure}); "
                              "the run goes on WITHOUT tracking\n")
 

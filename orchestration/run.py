@@ -41,7 +41,7 @@ from muse.engine import (SynthesisTally, build_summary, finish_tracking, history
 from muse.tracking import NullTracker, create_tracker
 from muse.teacher import ensure_teacher
 from orchestration.generator_actor import create_generator_actors, wait_until_ready
-from orchestration.train_loop import STATE_FILE, train_loop_per_worker
+from orchestration.train_loop import STATE_FILE, read_state, train_loop_per_worker
 from orchestration.weight_store import create_weight_store
 
 # Ray Train V2 drops `resume_from_checkpoint` (it raises); it restores a run from this file in its folder.
@@ -82,7 +82,7 @@ def resolve_config(args: argparse.Namespace) -> tuple[RunConfig, ray.train.Check
     if args.resume is None:
         return load_config(args.config, [*flags, *args.overrides]), None
     checkpoint = latest_checkpoint(args.resume)
-    saved = torch.load(Path(checkpoint.path) / STATE_FILE, map_location="cpu", weights_only=True)["config"]
+    saved = read_state(checkpoint)["config"]
     if args.overrides:
         raise ConfigError("--resume continues a run with its saved config; drop the overrides "
                           f"({' '.join(args.overrides)}) or start a new run")
@@ -138,7 +138,7 @@ def run(cfg: RunConfig, checkpoint: ray.train.Checkpoint | None = None, stop_aft
     if tracker is None:
         tracker = create_tracker(cfg)  # an unreachable tracking server fails here, before any work
         if checkpoint is not None:  # a resumed run's MLflow run starts with the epochs before the resume
-            for entry in _saved_history(checkpoint):
+            for entry in read_state(checkpoint)["history"]:
                 tracker.log_epoch(entry["epoch"], history_metrics(entry))
     store_name = f"muse-weights-{uuid.uuid4().hex[:8]}"
     store = create_weight_store(store_name)
@@ -173,11 +173,6 @@ def run(cfg: RunConfig, checkpoint: ray.train.Checkpoint | None = None, stop_aft
     if owns_tracker:
         finish_tracking(tracker, cfg, summary, step=summary["epochs_done"])
     return summary
-
-
-def _saved_history(checkpoint: ray.train.Checkpoint) -> list[dict[str, Any]]:
-    with checkpoint.as_directory() as directory:
-        return torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=True)["history"]
 
 
 def summarize(cfg: RunConfig, checkpoint: ray.train.Checkpoint, wall_s: float) -> dict[str, Any]:

@@ -70,7 +70,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     state = _restore(ray.train.get_checkpoint() or loop_config.get("resume_from"), rank, distiller, pool, actors)
     policy = StalenessPolicy.from_config(cfg.ray.weights)
     sample_rng = np.random.default_rng([cfg.seed, rank, state["epoch"]])
-    total_epochs = cfg.synthesis.warmup + cfg.distill.epochs
+    total_epochs = cfg.total_epochs
     stop_after = loop_config.get("stop_after_epoch")
     teacher_acc = teacher_meta.get("test_acc")
     if teacher_acc is None and rank == 0:
@@ -177,6 +177,12 @@ def _report_with_checkpoint(metrics: dict[str, Any], cfg: RunConfig, rank: int, 
                 "torch_rng": torch.get_rng_state(),
             }, directory / STATE_FILE)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+
+def read_state(checkpoint: ray.train.Checkpoint) -> dict[str, Any]:
+    """Rank 0's `state.pt` of a checkpoint: config, epoch, history, student, generators, counters."""
+    with checkpoint.as_directory() as directory:
+        return torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=True)
 
 
 def _restore(checkpoint: ray.train.Checkpoint | None, rank: int, distiller: Distiller, pool: SyntheticPool,

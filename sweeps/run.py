@@ -142,7 +142,7 @@ def run_sweep(spec: SweepSpec, base: RunConfig) -> SweepOutcome:
             # A trial's last result (the only one with `epochs_done` at the end) stops it before any
             # scheduler sees it: PBT must not clone a finished trial into one that reports it again.
             run_config=tune.RunConfig(name=TUNE_DIR, storage_path=str(root), verbose=1,
-                                      stop=_Finished(total_epochs(base))),
+                                      stop=_Finished(base.total_epochs)),
         )
         rows = [_row(result, spec, base) for result in tuner.fit()]
         best = _best(rows, spec.mode)
@@ -169,10 +169,6 @@ def _trial_base(base: RunConfig, root: Path, name: str) -> RunConfig:
     if base.tracking.uri is None:
         values["tracking.uri"] = f"sqlite:///{root / 'mlflow.db'}"
     return with_overrides(base, values)
-
-
-def total_epochs(cfg: RunConfig) -> int:
-    return cfg.synthesis.warmup + cfg.distill.epochs
 
 
 class _Finished(tune.stopper.Stopper):
@@ -254,7 +250,7 @@ def _row(result: Any, spec: SweepSpec, cfg: RunConfig) -> TrialRow:
         frame = frame.dropna(subset=[spec.metric])
         history = [{"epoch": int(e), spec.metric: float(v)} for e, v in zip(frame["epoch"], frame[spec.metric])]
     values = [h[spec.metric] for h in history]
-    finished = bool(history) and history[-1]["epoch"] >= total_epochs(cfg) - 1
+    finished = bool(history) and history[-1]["epoch"] >= cfg.total_epochs - 1
     status = "error" if result.error else ("done" if finished else "stopped")
     pick = max if spec.mode == "max" else min
     return TrialRow(Path(result.path).name, status, {k: result.config[k] for k in spec.space},

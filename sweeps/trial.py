@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import ray.train
-import torch
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -22,7 +21,7 @@ from muse.config import RunConfig, validate_config, with_overrides
 from muse.engine import finish_tracking
 from muse.tracking import MlflowTracker, NullTracker, create_tracker, open_store, tracking_uri
 from orchestration.run import run, summarize
-from orchestration.train_loop import STATE_FILE
+from orchestration.train_loop import read_state
 
 TRIAL_TAG = "muse.trial_id"
 SEGMENT_LOG = "segments.jsonl"  # one line per Train run of a trial: where it started and from what
@@ -57,7 +56,7 @@ def run_trial(params: dict[str, Any], sweep: dict[str, Any]) -> None:
         cfg, summary = _train_in_segments(cfg, params, trial_root, tracker, metric, sweep["pbt_interval"])
     else:
         _log_segment(trial_root, tracker, cfg, params, start_epoch=0, resumed_from=None)
-        last_epoch = cfg.synthesis.warmup + cfg.distill.epochs - 1
+        last_epoch = cfg.total_epochs - 1
         summary = run(cfg, tracker=tracker, callbacks=[EvaluationReportCallback(metric, last_epoch)])
     finish_tracking(tracker, cfg, summary, step=summary["epochs_done"])
     checkpoint = tune.Checkpoint.from_directory(summary["checkpoint"]) if sweep["pbt_interval"] else None
@@ -68,8 +67,8 @@ def _train_in_segments(cfg: RunConfig, params: dict[str, Any], trial_root: Path,
                        metric: str, interval: int) -> tuple[RunConfig, dict[str, Any]]:
     """Train to the end in segments, reporting each but the last to Tune with its checkpoint."""
     checkpoint = tune.get_checkpoint()  # the donor's after an exploit, else None
-    epoch = _epochs_done(checkpoint) if checkpoint else 0
-    total = cfg.synthesis.warmup + cfg.distill.epochs
+    epoch = read_state(checkpoint)["epoch"] if checkpoint else 0
+    total = cfg.total_epochs
     resumed_from = checkpoint.path if checkpoint else None
     if epoch >= total:  # cloned a donor that had already finished: its outputs are this trial's
         return cfg, summarize(cfg, checkpoint, wall_s=0.0)
@@ -94,11 +93,6 @@ def _result(summary: dict[str, Any], metric: str) -> dict[str, Any]:
         raise ValueError(f"the sweep metric {metric!r} is not in the run's evaluations ({sorted(last)}); "
                          "use student_acc or a logged loss such as loss_kd")
     return {k: v for k, v in last.items() if isinstance(v, (int, float))} | {"epochs_done": summary["epochs_done"]}
-
-
-def _epochs_done(checkpoint: ray.train.Checkpoint) -> int:
-    with checkpoint.as_directory() as directory:
-        return int(torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=True)["epoch"])
 
 
 def next_segment(trial_root: Path) -> Path:
