@@ -8,16 +8,26 @@ Every section validates itself where it is defined; unknown keys fail. A run con
 from __future__ import annotations
 
 import copy
+import os
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
     """A run configuration that cannot be used; the message names the field and the fix."""
+
+
+def _absolute(path: Path) -> Path:
+    return Path(os.path.abspath(path.expanduser()))
+
+
+# Relative paths are taken from the working directory where the config is loaded, once: Ray Train
+# workers and Tune trials run in other working directories, where the same relative path means another file.
+RunPath = Annotated[Path, AfterValidator(_absolute)]
 
 
 class Section(BaseModel):
@@ -28,7 +38,7 @@ class DataConfig(Section):
     """The real dataset: used to train the teacher and to evaluate the student, never to distill."""
 
     name: Literal["digits", "mnist", "cifar10", "imagefolder"] = "digits"
-    root: Path | None = Field(
+    root: RunPath | None = Field(
         None,
         description="Folder with train.npz/test.npz (mnist, cifar10) or train/ and val/ class folders "
         "(imagefolder). Unused for digits, which ships with scikit-learn.",
@@ -47,7 +57,7 @@ class DataConfig(Section):
 
 class TeacherConfig(Section):
     arch: str = Field("digits_cnn", description="timm model name (ours are registered by importing muse.models)")
-    checkpoint: Path | None = Field(
+    checkpoint: RunPath | None = Field(
         None, description="Teacher checkpoint; default <output_dir>/../teachers/<data>-<arch>.pt"
     )
     train_if_missing: bool = Field(True, description="Train and cache the teacher when the checkpoint is absent")
@@ -159,7 +169,7 @@ class DistillConfig(Section):
 
 class PoolConfig(Section):
     capacity: int = Field(20000, ge=1, description="Most images kept; the oldest are dropped first")
-    directory: Path | None = Field(None, description="Parquet shard folder; default <output_dir>/pool")
+    directory: RunPath | None = Field(None, description="Parquet shard folder; default <output_dir>/pool")
     image_dtype: Literal["uint8", "float16"] = "uint8"
 
 
@@ -237,7 +247,7 @@ class RunConfig(Section):
     method: Literal["muse", "nayer"] = Field("muse", description="Preset applied under the file's values")
     seed: int = 0
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
-    output_dir: Path = Path("runs/default")
+    output_dir: RunPath = Field(Path("runs/default"), validate_default=True)
     data: DataConfig = Field(default_factory=DataConfig)
     teacher: TeacherConfig = Field(default_factory=TeacherConfig)
     student: StudentConfig = Field(default_factory=StudentConfig)

@@ -267,8 +267,9 @@ def _best(rows: list[TrialRow], mode: str) -> TrialRow | None:
 
 
 def _write_best_config(user_base: RunConfig, best: TrialRow, spec: SweepSpec, root: Path) -> Path:
-    cfg = with_overrides(user_base, best.params | {"output_dir": f"runs/{spec.name}-best",
-                                                   "teacher.checkpoint": str(user_base.teacher_checkpoint.resolve())})
+    # The rerun lands beside the sweep's folder, and keeps the sweep's teacher.
+    cfg = with_overrides(user_base, best.params | {"output_dir": str(root.parent / f"{spec.name}-best"),
+                                                   "teacher.checkpoint": str(user_base.teacher_checkpoint)})
     header = (f"# Best trial of sweep {spec.name!r} ({best.trial}): final {spec.metric} {best.final:.2f}, "
               f"best {best.best:.2f} over {best.reports} reports to Tune.\n"
               f"# Run it: muse distill --config {root / 'best_config.yaml'}\n")

@@ -1,5 +1,7 @@
 """Config loading: shipped configs, presets, overrides, and one clear error per bad value."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -32,6 +34,20 @@ def test_nayer_preset_switches_off_the_muse_additions():
 
 def test_overrides_win_over_the_preset():
     assert load_config("digits", ["method=nayer", "loss.kr=1.0"]).loss.kr == 1.0
+
+
+def test_relative_paths_are_taken_from_the_working_directory_at_load(tmp_path, monkeypatch):
+    # Ray Train workers run in another working directory: a path kept relative would name another file.
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config("mnist", ["data.root=../data/mnist", "teacher.checkpoint=teachers/t.pt",
+                                "pool.directory=~/pool", "output_dir=runs/a"])
+    assert cfg.data.root == tmp_path.parent / "data" / "mnist"
+    assert cfg.teacher.checkpoint == tmp_path / "teachers" / "t.pt"
+    assert cfg.pool.directory == Path.home() / "pool"
+    assert cfg.output_dir == tmp_path / "runs" / "a"
+    assert load_config("digits").output_dir == tmp_path / "runs" / "digits"
+    cfg.output_dir = Path("elsewhere")  # assignment is validated too
+    assert cfg.output_dir == tmp_path / "elsewhere"
 
 
 @pytest.mark.parametrize("override, message", [

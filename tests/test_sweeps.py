@@ -171,7 +171,7 @@ def test_sweep_writes_a_runnable_best_config_and_a_table(asha_sweep):
     best = load_config(outcome.best_config)  # what `muse distill --config <it>` reads
     assert best.loss.kr == pytest.approx(outcome.best.params["loss.kr"])
     assert best.resolution.schedule == outcome.best.params["resolution.schedule"]
-    assert best.output_dir == Path("runs/asha-best") and best.teacher_checkpoint.is_file()
+    assert best.output_dir == outcome.directory.parent / "asha-best" and best.teacher_checkpoint.is_file()
     assert best.tracking.uri is None and best.distill.epochs == 2
     table = format_table(spec, outcome.rows)
     assert "loss.kr" in table and outcome.best.trial in table
