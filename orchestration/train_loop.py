@@ -13,6 +13,7 @@ actor states, RNG, counters, history, config) from rank 0, and each rank's pool 
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import sys
@@ -80,7 +81,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                           start_episode=state["next_episode"], epoch=state["epoch"],
                           adversarial=state["epoch"] >= cfg.synthesis.warmup)
     # Rank 0 logs each evaluation as it happens (Ray's rank-zero-only pattern); the driver owns the run.
-    tracker = MlflowTracker.attach(loop_config.get("tracking") if rank == 0 else None)
+    tracking = loop_config.get("tracking")
+    tracker = MlflowTracker.attach(tracking if rank == 0 else None)
     record = None
     loop_origin = time.perf_counter() - state["loop_s"]  # loop time counts reports and checkpoints too
     try:
@@ -121,6 +123,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                         "feed_wait_s": feed_metrics["wait_s"], "actor_failures": feed_metrics["actor_failures"],
                         **{f"staleness_{k}": v for k, v in policy.metrics().items()},
                         "teacher_acc": teacher_acc if teacher_acc is not None else float("nan")}
+            tally = state["tally"]
+            if world > 1 and tracking and not warming_up:
+                tally = _tally_over_ranks(tally, world)
             if rank == 0:
                 accuracy_text = f" student {metrics['student_acc']:.2f}%" if "student_acc" in metrics else ""
                 # Not print(): Ray Train patches it to log and echo, which shows every line twice.
@@ -129,7 +134,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                                  f"{metrics['feed_wait_s']:.1f}s, {metrics['epoch_s']:.1f}s\n")
                 sys.stdout.flush()
                 if not warming_up:
-                    _log_evaluation(tracker, epoch, metrics, state, pool, teacher, info, cfg)
+                    _log_evaluation(tracker, epoch, metrics, state, tally, pool, teacher, info, cfg)
             last = epoch == total_epochs - 1 or epoch == stop_after
             state["epoch"] = epoch + 1
             if last or (epoch + 1) % cfg.ray.train.checkpoint_every == 0:
@@ -143,14 +148,23 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
 
 def _log_evaluation(tracker: NullTracker, epoch: int, metrics: dict[str, Any], state: dict[str, Any],
-                    pool: SyntheticPool, teacher: torch.nn.Module, info: DatasetInfo, cfg: RunConfig) -> None:
-    """Rank 0's view of an evaluation epoch (counts are rank 0's share when there are several workers)."""
-    logged = epoch_metrics(state["history"][-1], state["tally"])
+                    tally: SynthesisTally, pool: SyntheticPool, teacher: torch.nn.Module, info: DatasetInfo,
+                    cfg: RunConfig) -> None:
+    """An evaluation epoch as rank 0 logs it: synthesis counts (`tally`) are every rank's; episodes,
+    feed wait, staleness and the pictures are rank 0's own."""
+    logged = epoch_metrics(state["history"][-1], tally)
     logged |= {k: v for k, v in metrics.items() if k.startswith(("staleness_", "feed_")) or k in ("epoch_s", "episodes")}
     if state["loop_s"] > 0:
-        logged["feed_images_per_s"] = sum(state["tally"].images.values()) / state["loop_s"]
+        logged["feed_images_per_s"] = sum(tally.images.values()) / state["loop_s"]
     tracker.log_epoch(epoch, logged)
     tracker.log_visuals(epoch, latest_records(pool), teacher, info, cfg.resolution.teacher_input)
+
+
+def _tally_over_ranks(tally: SynthesisTally, world: int) -> SynthesisTally:
+    """The synthesis tally summed over every Train worker (a collective: every rank must call it)."""
+    gathered: list[dict[str, Any] | None] = [None] * world
+    torch.distributed.all_gather_object(gathered, tally.as_dict())
+    return functools.reduce(SynthesisTally.merge, (SynthesisTally.from_dict(t) for t in gathered if t))
 
 
 def _push(weight_store: ActorHandle, distiller: Distiller) -> None:

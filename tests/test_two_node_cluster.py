@@ -1,5 +1,5 @@
 """`orchestration.run` on a simulated two-node cluster (`ray.cluster_utils.Cluster`): custom resources pin
-the generator actors to one node and the Train worker to the other, so every synthetic batch crosses
+the generator actors to one node and two Train workers (DDP) to the other, so every synthetic batch crosses
 nodes through the object store."""
 
 from __future__ import annotations
@@ -22,9 +22,11 @@ pytestmark = pytest.mark.slow
 
 PLACEMENT = [
     "ray.generators.count=2", "ray.generators.num_cpus=0.5", "ray.generators.resources={generator_node: 0.5}",
-    "ray.train.cpus_per_worker=0.5", "ray.train.resources={trainer_node: 0.5}",
+    "ray.train.count=2", "ray.train.cpus_per_worker=0.5", "ray.train.resources={trainer_node: 0.5}",
 ]
-TINY = ["synthesis.warmup=1", "synthesis.gwp_loops=2", "distill.epochs=1", "distill.kd_steps=10"]
+# Loops divisible by the worker count: each worker runs ceil(loops / workers) synthesis episodes an epoch.
+TINY = ["synthesis.warmup=1", "synthesis.gwp_loops=2", "synthesis.g_loops=2", "distill.epochs=1",
+        "distill.kd_steps=10"]
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +62,7 @@ def two_nodes():
     shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
-def test_generators_and_train_worker_run_on_different_nodes(two_nodes, tmp_path, teacher_dir, digits_splits):
+def test_generators_and_train_workers_run_on_different_nodes(two_nodes, tmp_path, teacher_dir, digits_splits):
     cluster, trainer_node, generator_node = two_nodes
     cfg = fast_digits_config(tmp_path / "two-nodes", teacher_dir, *PLACEMENT, *TINY, "tracking.enabled=true")
     ensure_teacher(cfg, digits_splits)  # on the shared file system: every node reads the same file
@@ -83,6 +85,9 @@ def test_generators_and_train_worker_run_on_different_nodes(two_nodes, tmp_path,
     history = client.get_metric_history(tracked.info.run_id, "student_acc")
     assert [m.value for m in history] == pytest.approx([h["student_acc"] for h in summary["history"]])
     assert len(client.get_metric_history(tracked.info.run_id, "staleness_mean_staleness")) == len(summary["history"])
+    # Rank 0 logs the images synthesised by both workers, not only its own share.
+    for resolution, images in summary["synthesis"]["images"].items():
+        assert client.get_metric_history(tracked.info.run_id, f"images_{resolution}px")[-1].value == images
     for folder in ("images", "cam"):
         pictures = {a.path for a in client.list_artifacts(tracked.info.run_id, folder)}
         assert {f"{folder}/epoch{h['epoch']:04d}-{r}px.png"
@@ -94,5 +99,5 @@ def test_generators_and_train_worker_run_on_different_nodes(two_nodes, tmp_path,
         return [a.node_id for a in list_actors(address=cluster.address, filters=[("class_name", "=", class_name)])]
 
     assert nodes_of("GeneratorActor") == [generator_node] * cfg.ray.generators.count
-    assert nodes_of("RayTrainWorker") == [trainer_node]
+    assert nodes_of("RayTrainWorker") == [trainer_node] * cfg.ray.train.count
     assert trainer_node != generator_node
