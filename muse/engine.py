@@ -134,7 +134,9 @@ def run_distillation(cfg: RunConfig, splits: ImageSplits | None = None, progress
 
 
 def finish_tracking(tracker: NullTracker, cfg: RunConfig, summary: dict[str, Any], step: int) -> None:
-    """Close a run's MLflow run: final and best accuracy, the accuracy curve, and the output files."""
+    """Close a run's MLflow run: any evaluated epoch it lacks, final and best accuracy, the accuracy
+    curve, and the output files."""
+    tracker.log_missing_epochs({h["epoch"]: history_metrics(h) for h in summary["history"]}, key="student_acc")
     tracker.log_epoch(step, {"final_student_acc": summary["student_acc"], "best_student_acc": summary["best_acc"],
                              "teacher_acc": summary["teacher_acc"], "wall_s": summary["wall_s"]})
     tracker.log_accuracy_curve(summary["history"], summary["teacher_acc"], f"{cfg.method} on {cfg.data.name}")

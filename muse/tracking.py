@@ -50,6 +50,8 @@ class NullTracker:
 
     def set_tags(self, tags: dict[str, str]) -> None: ...
 
+    def log_missing_epochs(self, epochs: dict[int, dict[str, Any]], key: str) -> None: ...
+
     def finish(self, files: list[Path], status: str = "FINISHED") -> None: ...
 
 
@@ -90,13 +92,14 @@ class MlflowTracker(NullTracker):
     training: the first failed call warns, and the run goes on untracked (its output folder still holds
     the summary, the student and the checkpoints)."""
 
-    def __init__(self, uri: str, run_id: str) -> None:
+    def __init__(self, uri: str, run_id: str, after_failure: str = "the run goes on WITHOUT tracking") -> None:
         _fail_fast()
         from mlflow.tracking import MlflowClient
 
         self.uri, self.run_id = uri, run_id
         self.client = MlflowClient(uri)
         self.failure: str | None = None
+        self.after_failure = after_failure
 
     def _safely(self, what: str, call: Callable[[], Any]) -> None:
         if self.failure is not None:
@@ -106,7 +109,7 @@ class MlflowTracker(NullTracker):
         except Exception as error:  # any store or network error: see the class docstring
             self.failure = f"{what}: {error_summary(error)}"
             sys.stderr.write(f"warning: MLflow logging to {self.uri} (run {self.run_id}) failed ({self.failure}); "
-                             "the run goes on WITHOUT tracking\n")
+                             f"{self.after_failure}\n")
 
     @classmethod
     def start(cls, cfg: RunConfig, run_name: str | None = None, parent_run_id: str | None = None,
@@ -126,8 +129,14 @@ class MlflowTracker(NullTracker):
 
     @classmethod
     def attach(cls, handle: dict[str, str] | None) -> NullTracker:
-        """The tracker of a run another process started (`handle` from `.handle`), or a no-op for None."""
-        return cls(handle["uri"], handle["run_id"]) if handle else NullTracker()
+        """The tracker of a run another process started (`handle` from `.handle`), or a no-op for None.
+        That process logs the metrics of the epochs this one failed to log when it closes the run."""
+        if not handle:
+            return NullTracker()
+        return cls(handle["uri"], handle["run_id"], after_failure=(
+            "this process logs no more; the driver logs the missing epochs' metrics (not their images) when the "
+            "run ends. A local store (sqlite, file) is only reachable from the driver's machine: on a multi-node "
+            "cluster use an MLflow server (--mlflow-uri http://host:port)"))
 
     @property
     def handle(self) -> dict[str, str]:
@@ -166,6 +175,16 @@ class MlflowTracker(NullTracker):
     def set_tags(self, tags: dict[str, str]) -> None:
         for key, value in tags.items():
             self._safely("set a tag", lambda: self.client.set_tag(self.run_id, key, value))
+
+    def log_missing_epochs(self, epochs: dict[int, dict[str, Any]], key: str) -> None:
+        """Log the metrics of each epoch whose `key` metric the run lacks (another process, Ray Train's
+        rank 0, logs epochs as they happen, and may have failed to)."""
+        logged: set[int] = set()
+        self._safely("read the metric history",
+                     lambda: logged.update(m.step for m in self.client.get_metric_history(self.run_id, key)))
+        for epoch, metrics in epochs.items():
+            if epoch not in logged:
+                self.log_epoch(epoch, metrics)
 
     def finish(self, files: list[Path], status: str = "FINISHED") -> None:
         for path in files:

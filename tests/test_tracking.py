@@ -13,7 +13,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from muse.config import ConfigError
-from muse.engine import run_distillation
+from muse.engine import finish_tracking, run_distillation
 from muse.tracking import MlflowTracker, create_tracker
 
 from conftest import fast_digits_config
@@ -86,6 +86,27 @@ def test_a_store_failing_mid_run_warns_once_and_the_run_goes_on(capsys):
     tracker.finish([])
     assert tracker.failure.startswith("log metrics: ")
     assert capsys.readouterr().err.count("goes on WITHOUT tracking") == 1
+
+
+def test_the_driver_logs_the_epochs_rank_0_failed_to_log(tmp_path, capsys):
+    # On a multi-node cluster Ray Train's rank 0 may not reach a local store: the driver, which closes
+    # the run, then logs what is missing from the run's history (and nothing twice).
+    cfg = fast_digits_config(tmp_path / "run", tmp_path, "tracking.enabled=true")
+    driver = MlflowTracker.start(cfg)
+    driver.log_epoch(1, {"student_acc": 20.0, "lr": 0.1})  # rank 0 logged this epoch, then failed
+    rank0 = MlflowTracker.attach({"uri": "http://127.0.0.1:9", "run_id": driver.run_id})
+    rank0.log_epoch(2, {"student_acc": 30.0})
+    assert "the driver logs the missing epochs' metrics" in capsys.readouterr().err
+    history = [{"epoch": e, "student_acc": a, "lr": 0.1, "synthesis_loss": {"bn": 1.5}}
+               for e, a in [(1, 20.0), (2, 30.0), (3, 40.0)]]
+    summary = {"history": history, "student_acc": 40.0, "best_acc": 40.0, "teacher_acc": 99.0, "wall_s": 1.0}
+
+    finish_tracking(driver, cfg, summary, step=4)
+
+    accuracy = driver.client.get_metric_history(driver.run_id, "student_acc")
+    assert [(m.step, m.value) for m in accuracy] == [(1, 20.0), (2, 30.0), (3, 40.0)]
+    assert [m.step for m in driver.client.get_metric_history(driver.run_id, "synthesis_bn")] == [2, 3]
+    assert driver.client.get_run(driver.run_id).info.status == "FINISHED"
 
 
 @pytest.fixture
