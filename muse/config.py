@@ -192,6 +192,8 @@ class TrainWorkersConfig(Section):
     resources: dict[str, float] = Field(
         default_factory=dict, description="Custom resources per Train worker, e.g. {trainer_node: 1}")
     checkpoint_every: int = Field(5, ge=1, description="Report a checkpoint every this many epochs (and the last)")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        "WARNING", description="Ray Train's own console lines; INFO adds a line per report and per checkpoint")
 
 
 class FeedConfig(Section):

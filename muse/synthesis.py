@@ -46,7 +46,8 @@ class SynthesisRecord:
 
     def images01(self) -> torch.Tensor:
         """Images as a float tensor in [0,1]."""
-        images = torch.from_numpy(np.ascontiguousarray(self.images)).float()
+        # astype copies: arrays from Ray's object store are read-only, which torch.from_numpy warns about.
+        images = torch.from_numpy(self.images.astype(np.float32))
         return images / 255.0 if self.images.dtype == np.uint8 else images
 
 

@@ -157,7 +157,8 @@ def run(cfg: RunConfig, checkpoint: ray.train.Checkpoint | None = None, stop_aft
                 num_workers=t.count, use_gpu=t.use_gpu,
                 resources_per_worker={"CPU": t.cpus_per_worker, **t.resources}),
             run_config=ray.train.RunConfig(name=cfg.output_dir.name, storage_path=str(cfg.output_dir.parent),
-                                           callbacks=list(callbacks)),
+                                           callbacks=list(callbacks),
+                                           logging_config=ray.train.LoggingConfig(log_level=t.log_level)),
         )
         result = trainer.fit()
         if result.error is not None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import math
 import sys
 import tempfile
@@ -50,6 +51,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     (actor handles), weight_store (actor name), stop_after_epoch (optional, for staged runs), resume_from
     (optional Checkpoint), tracking (optional MLflow run handle that rank 0 logs each epoch to)."""
     cfg = RunConfig.model_validate(loop_config["run"])
+    _set_report_log_level(cfg.ray.train.log_level)
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
@@ -165,6 +167,14 @@ def _tally_over_ranks(tally: SynthesisTally, world: int) -> SynthesisTally:
     gathered: list[dict[str, Any] | None] = [None] * world
     torch.distributed.all_gather_object(gathered, tally.as_dict())
     return functools.reduce(SynthesisTally.merge, (SynthesisTally.from_dict(t) for t in gathered if t))
+
+
+def _set_report_log_level(level: str) -> None:
+    # Ray Train logs every report (its whole metrics dict, from each rank) at INFO through a logger named
+    # after its file path, which the "ray.train" level of LoggingConfig does not reach.
+    from ray.train.v2._internal.execution import context as train_context
+
+    logging.getLogger(train_context.__file__).setLevel(level)
 
 
 def _push(weight_store: ActorHandle, distiller: Distiller) -> None:

@@ -161,6 +161,7 @@ def test_run_py_as_a_ray_job(head, tmp_path, teacher_dir, digits_splits):
     # The driver joined the head's cluster (RAY_ADDRESS set by the job), it did not start its own.
     assert f"Connecting to existing Ray cluster at address: {gcs_address}" in output, output[-5000:]
     assert "Started a local Ray instance" not in output
+    assert "[muse] epoch 2/2 distill" in output and "Reporting training result" not in output  # log_level WARNING
     # The summary table and where the summary went
     assert re.search(r"^student\s+digits_cnn_half\s+top-1 \d+\.\d\d% \(final\)", output, re.MULTILINE), output[-3000:]
     assert re.search(r"^synthesised\s+\d+ images @", output, re.MULTILINE)
