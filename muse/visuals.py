@@ -71,7 +71,7 @@ def epoch_visuals(epoch: int, records: dict[int, SynthesisRecord], teacher: torc
         pictures[f"images/epoch{epoch:04d}-{resolution}px.png"] = image_grid(images[:GRID_IMAGES])
         if teacher is not None and supports_cam(teacher):
             shown = images[:CAM_IMAGES]
-            cams = teacher_cams(teacher, shown, torch.from_numpy(record.labels[:CAM_IMAGES]), info, teacher_input)
+            cams = teacher_cams(teacher, shown, torch.tensor(record.labels[:CAM_IMAGES]), info, teacher_input)
             pictures[f"cam/epoch{epoch:04d}-{resolution}px.png"] = image_grid(cam_overlay(shown, cams), scale=4)
     return pictures
 
