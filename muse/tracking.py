@@ -197,10 +197,30 @@ def create_tracker(cfg: RunConfig, run_name: str | None = None, parent_run_id: s
                    tags: dict[str, str] | None = None) -> NullTracker:
     """The run's tracker: MLflow when `tracking.enabled`, else a no-op. An unreachable store is an
     error unless `tracking.required=false`, which continues without tracking and says so."""
+    return _tracker_or_warning(cfg, lambda: MlflowTracker.start(cfg, run_name, parent_run_id, tags))
+
+
+def reopen_tracker(cfg: RunConfig, run_id: str) -> NullTracker:
+    """The tracker of an existing run in the store of `cfg` (a resumed sweep's parent run), marked
+    RUNNING again; the same policy as `create_tracker` for a store that cannot be reached."""
+    def reopen() -> MlflowTracker:
+        uri = tracking_uri(cfg)
+        client, _ = open_store(uri, cfg.tracking.experiment, cfg.output_dir / "mlartifacts")
+        try:
+            client.update_run(run_id, status="RUNNING")
+        except Exception as error:  # MlflowException: no such run in this store
+            raise ConfigError(f"MLflow run {run_id} is not in {uri} ({error_summary(error)}); was the store moved "
+                              "or deleted? Set tracking.required=false to go on without tracking") from None
+        return MlflowTracker(uri, run_id)
+
+    return _tracker_or_warning(cfg, reopen)
+
+
+def _tracker_or_warning(cfg: RunConfig, open_tracker: Callable[[], MlflowTracker]) -> NullTracker:
     if not cfg.tracking.enabled:
         return NullTracker()
     try:
-        return MlflowTracker.start(cfg, run_name, parent_run_id, tags)
+        return open_tracker()
     except ConfigError as error:
         if cfg.tracking.required:
             raise

@@ -93,12 +93,19 @@ def resolve_config(args: argparse.Namespace) -> tuple[RunConfig, ray.train.Check
 
 
 def latest_checkpoint(run_dir: Path) -> ray.train.Checkpoint:
-    """The newest checkpoint folder of a run (Ray Train names them by time)."""
-    candidates = sorted(p for p in Path(run_dir).glob("checkpoint_*") if (p / STATE_FILE).is_file())
-    if not candidates:
-        raise ConfigError(f"--resume {str(run_dir)!r}: no checkpoint_*/{STATE_FILE} there; give the run's "
-                          "output_dir (the folder that holds summary.json and the checkpoints)")
-    return ray.train.Checkpoint.from_directory(str(candidates[-1].resolve()))
+    """The newest checkpoint Ray Train committed in a run's folder: the one its snapshot names, not the
+    newest folder, which may be half-copied if the run stopped while writing it."""
+    directory = Path(run_dir).resolve()
+    try:
+        snapshot = json.loads((directory / TRAIN_SNAPSHOT).read_text())
+        name = snapshot["latest_checkpoint_result"]["checkpoint_dir_name"]
+    except (OSError, ValueError, KeyError, TypeError):
+        name = None
+    if name is None or not (directory / name / STATE_FILE).is_file():
+        raise ConfigError(f"--resume {str(run_dir)!r}: no checkpoint_*/{STATE_FILE} there that Ray Train committed "
+                          f"(read from {TRAIN_SNAPSHOT}); give the run's output_dir (the folder that holds "
+                          "summary.json and the checkpoints)")
+    return ray.train.Checkpoint.from_directory(str(directory / name))
 
 
 def connect(cfg: RunConfig, num_cpus: int | None) -> bool:

@@ -5,10 +5,12 @@ Ray Train workers), logged to MLflow as a child run of the sweep's parent run.
     python sweeps/run.py sweeps/resolution_pbt.yaml --num-cpus 2     # PBT over resolution schedules
     python sweeps/run.py sweeps/kr_schedules.yaml distill.epochs=10  # overrides apply to every trial
     ray job submit --working-dir . -- python sweeps/run.py sweeps/loss_weights.yaml
+    python sweeps/run.py sweeps/loss_weights.yaml --resume           # continue an interrupted sweep
 
 Results land in the sweep's folder (default runs/sweeps/<name>): `results.csv`, `best_config.yaml` (a
 runnable config: `muse distill --config <it>` or `python orchestration/run.py --config <it>`), the Tune
 experiment under `tune/`, each trial's run under `trials/<trial>/segment-NN/`, and `mlflow.db`.
+A sweep stopped by Ctrl+C (or a lost driver) continues with the same command plus `--resume`.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import json
 import os
 import random
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -42,18 +44,19 @@ from muse.data import DatasetError, load_dataset
 from muse.engine import resolve_device
 from muse.io import atomic_write
 from muse.teacher import ensure_teacher
-from muse.tracking import PARENT_RUN_TAG, MlflowTracker, NullTracker, create_tracker
+from muse.tracking import PARENT_RUN_TAG, MlflowTracker, NullTracker, create_tracker, reopen_tracker
 from orchestration.run import connect
 from sweeps.spec import SweepSpec, load_sweep
 from sweeps.trial import run_trial
 
 TUNE_DIR = "tune"
+SWEEP_STATE = "sweep_state.json"  # what --resume needs: the parent run, and the spec and config to match
 
 
 @dataclass
 class TrialRow:
     trial: str
-    status: str  # done | stopped (by the scheduler) | error
+    status: str  # done | stopped (by the scheduler) | error | unfinished (the sweep was interrupted)
     params: dict[str, Any]
     final: float | None
     best: float | None
@@ -69,6 +72,7 @@ class SweepOutcome:
     best_config: Path | None
     concurrency: int
     parent_run_id: str | None
+    interrupted: bool = False
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -78,6 +82,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--num-samples", type=int, help="override the sweep's num_samples")
     parser.add_argument("--max-concurrent-trials", type=int, help="override the sweep's max_concurrent_trials")
     parser.add_argument("--output-dir", type=Path, help="override the sweep's output_dir")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the sweep interrupted in its folder (same sweep file, flags and overrides): "
+                             "finished trials are kept, the others go on from their latest checkpoint")
     add_tracking_flags(parser)
     parser.add_argument("overrides", nargs="*", help="dotted run-config overrides for every trial")
     return parser.parse_intermixed_args(argv)
@@ -92,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
                    "output_dir": args.output_dir}
         spec = SweepSpec.model_validate(spec.model_dump() | {k: v for k, v in updates.items() if v is not None})
         started_cluster = connect(base, args.num_cpus)
-        outcome = run_sweep(spec, base)
+        outcome = run_sweep(spec, base, resume=args.resume)
     except (ConfigError, DatasetError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -105,6 +112,11 @@ def main(argv: list[str] | None = None) -> int:
     print(format_table(spec, outcome.rows))
     print(f"trials: {len(outcome.rows)}, at most {outcome.concurrency} at a time")
     print(f"results: {outcome.directory / 'results.csv'}")
+    if outcome.interrupted:
+        unfinished = sum(r.status == "unfinished" for r in outcome.rows)
+        print(f"interrupted with {unfinished} trial(s) unfinished (and {spec.trial_count - len(outcome.rows)} not "
+              "started); continue with the same command plus --resume", file=sys.stderr)
+        return 130
     if outcome.best_config:
         print(f"best: {outcome.best.trial} → {outcome.best_config}")
     if base.tracking.enabled and base.tracking.uri is None:
@@ -112,29 +124,40 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if outcome.best else 1
 
 
-def run_sweep(spec: SweepSpec, base: RunConfig) -> SweepOutcome:
-    """Run the sweep on the connected Ray cluster; write results.csv and best_config.yaml."""
+def run_sweep(spec: SweepSpec, base: RunConfig, resume: bool = False) -> SweepOutcome:
+    """Run the sweep on the connected Ray cluster (or, with `resume`, continue the one interrupted in
+    its folder); write results.csv and best_config.yaml."""
     root = spec.directory
-    if (root / TUNE_DIR).exists():
-        raise ConfigError(f"sweep folder {str(root)!r} holds an earlier sweep; give --output-dir (or output_dir "
-                          "in the sweep file) a new folder, or remove the old one")
     user_base = base
     base = _trial_base(base, root, spec.name)
+    if resume:
+        parent_run_id = _resumable(spec, base, root)
+    elif (root / TUNE_DIR).exists():
+        raise ConfigError(f"sweep folder {str(root)!r} holds an earlier sweep; continue it with --resume, give "
+                          "--output-dir (or output_dir in the sweep file) a new folder, or remove the old one")
     ensure_teacher(base, load_dataset(base.data), resolve_device("cpu" if base.device == "auto" else base.device))
     demand, bundles = trial_resources(spec, base)
     concurrency = concurrent_trials(spec.max_concurrent_trials, demand, ray.cluster_resources())
-    parent = create_tracker(base.model_copy(update={"output_dir": root}), run_name=spec.name,
-                            tags={"muse.sweep": spec.name})
+    parent_cfg = base.model_copy(update={"output_dir": root})
+    if resume and parent_run_id is not None:
+        parent = reopen_tracker(parent_cfg, parent_run_id)
+    else:
+        parent = create_tracker(parent_cfg, run_name=spec.name, tags={"muse.sweep": spec.name})
     rows: list[TrialRow] = []
     try:
-        if isinstance(parent, MlflowTracker):
+        if isinstance(parent, MlflowTracker) and not resume:
             parent.log_params(_sweep_params(spec, concurrency))
+        _write_state(root, parent.run_id, spec, base)
         payload = {"base": base.model_dump(mode="json"), "root": str(root), "metric": spec.metric, "name": spec.name,
                    "parent_run_id": parent.run_id,
                    "pbt_interval": spec.scheduler.perturbation_interval if spec.scheduler.kind == "pbt" else None}
+        trainable = tune.with_resources(tune.with_parameters(run_trial, sweep=payload),
+                                        tune.PlacementGroupFactory(bundles))
         random.seed(spec.scheduler.seed)  # PBT explores with Python's random module in this process
-        tuner = tune.Tuner(
-            tune.with_resources(tune.with_parameters(run_trial, sweep=payload), tune.PlacementGroupFactory(bundles)),
+        # Restored: the trials, their results and checkpoints, and the searcher's and scheduler's state.
+        tuner = tune.Tuner.restore(str(root / TUNE_DIR), trainable, resume_unfinished=True,
+                                   resume_errored=True) if resume else tune.Tuner(
+            trainable,
             param_space=spec.param_space(),
             tune_config=tune.TuneConfig(metric=spec.metric, mode=spec.mode, num_samples=spec.num_samples,
                                         search_alg=_search(spec, concurrency), scheduler=_scheduler(spec, base),
@@ -144,7 +167,14 @@ def run_sweep(spec: SweepSpec, base: RunConfig) -> SweepOutcome:
             run_config=tune.RunConfig(name=TUNE_DIR, storage_path=str(root), verbose=1,
                                       stop=_Finished(base.total_epochs)),
         )
-        rows = [_row(result, spec, base) for result in tuner.fit()]
+        grid = tuner.fit()
+        rows = [_row(result, spec, base) for result in grid]
+        # Ctrl+C: Tune stops the trials, saves the experiment and returns what it has.
+        if grid.num_terminated + grid.num_errors < len(grid) or len(grid) < spec.trial_count:
+            rows = [replace(r, status="unfinished") if r.status == "stopped" else r for r in rows]
+            _write_results(rows, spec, root)
+            parent.finish([root / "results.csv"], status="KILLED")
+            return SweepOutcome(root, rows, None, None, concurrency, parent.run_id, interrupted=True)
         best = _best(rows, spec.mode)
         best_config = _write_best_config(user_base, best, spec, root) if best else None
         _write_results(rows, spec, root)
@@ -155,6 +185,27 @@ def run_sweep(spec: SweepSpec, base: RunConfig) -> SweepOutcome:
     finally:
         _close_trial_runs(parent, rows)  # whatever happened, no trial run is left RUNNING
     return SweepOutcome(root, rows, best, best_config, concurrency, parent.run_id)
+
+
+def _write_state(root: Path, parent_run_id: str | None, spec: SweepSpec, base: RunConfig) -> None:
+    state = {"parent_run_id": parent_run_id, "spec": spec.model_dump(mode="json"), "base": base.model_dump(mode="json")}
+    root.mkdir(parents=True, exist_ok=True)
+    atomic_write(root / SWEEP_STATE, lambda tmp: tmp.write_text(json.dumps(state, indent=1)))
+
+
+def _resumable(spec: SweepSpec, base: RunConfig, root: Path) -> str | None:
+    """The parent run id of the sweep interrupted in `root`, after checking it is the same sweep."""
+    state_file = root / SWEEP_STATE
+    if not state_file.is_file() or not tune.Tuner.can_restore(str(root / TUNE_DIR)):
+        raise ConfigError(f"--resume: no interrupted sweep in {str(root)!r}; start it without --resume, or give "
+                          "the folder it ran in with --output-dir")
+    saved = json.loads(state_file.read_text())
+    now = json.loads(json.dumps({"spec": spec.model_dump(mode="json"), "base": base.model_dump(mode="json")}))
+    changed = [what for key, what in (("spec", "sweep file"), ("base", "run config")) if saved[key] != now[key]]
+    if changed:
+        raise ConfigError(f"--resume: the {' and the '.join(changed)} differ from those of the sweep in "
+                          f"{str(root)!r} ({state_file}); resume with the same sweep file, flags and overrides")
+    return saved["parent_run_id"]
 
 
 def _trial_base(base: RunConfig, root: Path, name: str) -> RunConfig:
@@ -230,8 +281,9 @@ def _search(spec: SweepSpec, concurrency: int) -> Any:
 def _scheduler(spec: SweepSpec, cfg: RunConfig) -> Any:
     s = spec.scheduler
     if s.kind == "asha":
-        # Tune counts results: one per evaluation (warm-up epochs are not reported).
-        return ASHAScheduler(time_attr="training_iteration", max_t=cfg.distill.epochs, grace_period=s.grace_period,
+        # Counted in evaluations, a metric of each result: a trial continued by --resume goes on from its
+        # checkpoint's count, where Tune's training_iteration would start again at 1.
+        return ASHAScheduler(time_attr="evaluations", max_t=cfg.distill.epochs, grace_period=s.grace_period,
                              reduction_factor=s.reduction_factor)
     if s.kind == "pbt":
         # One result per segment of `perturbation_interval` epochs, each with a checkpoint to clone.
@@ -245,16 +297,28 @@ def _scheduler(spec: SweepSpec, cfg: RunConfig) -> Any:
 
 def _row(result: Any, spec: SweepSpec, cfg: RunConfig) -> TrialRow:
     frame = result.metrics_dataframe
-    history = []
+    reported = []
     if frame is not None and spec.metric in frame:
         frame = frame.dropna(subset=[spec.metric])
-        history = [{"epoch": int(e), spec.metric: float(v)} for e, v in zip(frame["epoch"], frame[spec.metric])]
+        reported = [{"epoch": int(e), spec.metric: float(v)} for e, v in zip(frame["epoch"], frame[spec.metric])]
+    name = Path(result.path).name
+    finished = bool(reported) and reported[-1]["epoch"] >= cfg.total_epochs - 1
+    # Tune keeps the results that reached it; a trial continued by --resume lost those in flight at
+    # the stop. A finished trial's summary holds every evaluation of its final model.
+    history = (_summary_history(cfg.output_dir / name, spec.metric) if finished else None) or reported
     values = [h[spec.metric] for h in history]
-    finished = bool(history) and history[-1]["epoch"] >= cfg.total_epochs - 1
     status = "error" if result.error else ("done" if finished else "stopped")
     pick = max if spec.mode == "max" else min
-    return TrialRow(Path(result.path).name, status, {k: result.config[k] for k in spec.space},
-                    values[-1] if values else None, pick(values) if values else None, len(values), history)
+    return TrialRow(name, status, {k: result.config[k] for k in spec.space},
+                    values[-1] if values else None, pick(values) if values else None, len(reported), history)
+
+
+def _summary_history(trial_root: Path, metric: str) -> list[dict[str, Any]] | None:
+    summaries = sorted(trial_root.glob("segment-*/summary.json"))
+    if not summaries:
+        return None
+    history = json.loads(summaries[-1].read_text())["history"]
+    return [{"epoch": h["epoch"], metric: h[metric]} for h in history if metric in h]
 
 
 def _best(rows: list[TrialRow], mode: str) -> TrialRow | None:

@@ -128,12 +128,16 @@ class SweepSpec(Spec):
         if self.scheduler.kind == "pbt":
             if self.search.algorithm == "optuna":
                 raise ValueError("PBT mutates the config itself: use search.algorithm random or grid")
-            population = self.num_samples * math.prod(len(d.grid) for d in self.space.values() if d.grid)
-            if population < 2:
+            if self.trial_count < 2:
                 raise ValueError("PBT needs a population: num_samples (times the grid size) >= 2")
         elif any(d.mutate for d in self.space.values()):
             raise ValueError("`mutate` lists are for scheduler.kind=pbt")
         return self
+
+    @property
+    def trial_count(self) -> int:
+        """Trials the sweep runs: num_samples times each grid combination."""
+        return self.num_samples * math.prod(len(d.grid) for d in self.space.values() if d.grid)
 
     @property
     def directory(self) -> Path:

@@ -5,6 +5,9 @@ ASHA / FIFO trials fit one TorchTrainer whose evaluations reach Tune through the
 callback. PBT trials train in segments of `perturbation_interval` epochs, each a new Train run that
 resumes from the previous segment's checkpoint and reports it to Tune. When PBT exploits, Tune restarts
 the trial with a mutated config and the donor's checkpoint, which the next segment resumes from.
+
+A sweep continued with --resume restarts its unfinished trials: a PBT trial from the checkpoint it last
+reported to Tune, any other from the newest Train checkpoint in its folder.
 """
 
 from __future__ import annotations
@@ -17,10 +20,10 @@ import ray.train
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
-from muse.config import RunConfig, validate_config, with_overrides
+from muse.config import ConfigError, RunConfig, validate_config, with_overrides
 from muse.engine import finish_tracking
 from muse.tracking import MlflowTracker, NullTracker, create_tracker, open_store, tracking_uri
-from orchestration.run import run, summarize
+from orchestration.run import latest_checkpoint, run, summarize
 from orchestration.train_loop import read_state
 
 TRIAL_TAG = "muse.trial_id"
@@ -28,17 +31,19 @@ SEGMENT_LOG = "segments.jsonl"  # one line per Train run of a trial: where it st
 
 
 class EvaluationReportCallback(TuneReportCallback):
-    """Forwards each evaluated epoch's rank-0 metrics to Tune, except the last: the trial reports that
-    itself once its outputs are written, since Tune may end a trial's process at any report. Warm-up
-    epochs have no accuracy yet, and Tune rejects a result without the sweep's metric."""
+    """Forwards each evaluated epoch's rank-0 metrics to Tune, with its count of `evaluations`, except
+    the last: the trial reports that itself once its outputs are written, since Tune may end a trial's
+    process at any report. Warm-up epochs have no accuracy yet, and Tune rejects a result without the
+    sweep's metric."""
 
-    def __init__(self, metric: str, last_epoch: int) -> None:
+    def __init__(self, metric: str, warmup: int, last_epoch: int) -> None:
         super().__init__()
-        self.metric, self.last_epoch = metric, last_epoch
+        self.metric, self.warmup, self.last_epoch = metric, warmup, last_epoch
 
     def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
         if self.metric in metrics[0] and metrics[0]["epoch"] < self.last_epoch:
-            super().after_report(run_context, metrics, checkpoint)
+            evaluations = metrics[0]["epoch"] - self.warmup + 1
+            super().after_report(run_context, [metrics[0] | {"evaluations": evaluations}, *metrics[1:]], checkpoint)
 
 
 def run_trial(params: dict[str, Any], sweep: dict[str, Any]) -> None:
@@ -55,12 +60,33 @@ def run_trial(params: dict[str, Any], sweep: dict[str, Any]) -> None:
     if sweep["pbt_interval"]:
         cfg, summary = _train_in_segments(cfg, params, trial_root, tracker, metric, sweep["pbt_interval"])
     else:
-        _log_segment(trial_root, tracker, cfg, params, start_epoch=0, resumed_from=None)
-        last_epoch = cfg.total_epochs - 1
-        summary = run(cfg, tracker=tracker, callbacks=[EvaluationReportCallback(metric, last_epoch)])
+        cfg, summary = _train_to_the_end(cfg, params, trial_root, tracker, metric)
     finish_tracking(tracker, cfg, summary, step=summary["epochs_done"])
     checkpoint = tune.Checkpoint.from_directory(summary["checkpoint"]) if sweep["pbt_interval"] else None
     tune.report(_result(summary, metric), checkpoint=checkpoint)
+
+
+def _train_to_the_end(cfg: RunConfig, params: dict[str, Any], trial_root: Path, tracker: NullTracker,
+                      metric: str) -> tuple[RunConfig, dict[str, Any]]:
+    """One Train run to the last epoch, reporting each evaluation to Tune; it continues from the newest
+    checkpoint of the trial's earlier segments when a resumed sweep restarts the trial."""
+    checkpoint = _latest_trial_checkpoint(trial_root)
+    epoch = read_state(checkpoint)["epoch"] if checkpoint else 0
+    _log_segment(trial_root, tracker, cfg, params, start_epoch=epoch, resumed_from=checkpoint.path if checkpoint else None)
+    if epoch >= cfg.total_epochs:  # interrupted after its last checkpoint, before its last report
+        return cfg, summarize(cfg, checkpoint, wall_s=0.0)
+    callback = EvaluationReportCallback(metric, cfg.synthesis.warmup, last_epoch=cfg.total_epochs - 1)
+    return cfg, run(cfg, checkpoint, tracker=tracker, callbacks=[callback])
+
+
+def _latest_trial_checkpoint(trial_root: Path) -> ray.train.Checkpoint | None:
+    """The newest checkpoint of the trial's newest segment that has one (None for a new trial)."""
+    for segment in sorted(trial_root.glob("segment-*"), reverse=True):
+        try:
+            return latest_checkpoint(segment)
+        except ConfigError:  # stopped before its first checkpoint
+            continue
+    return None
 
 
 def _train_in_segments(cfg: RunConfig, params: dict[str, Any], trial_root: Path, tracker: NullTracker,
@@ -92,7 +118,8 @@ def _result(summary: dict[str, Any], metric: str) -> dict[str, Any]:
     if metric not in last:
         raise ValueError(f"the sweep metric {metric!r} is not in the run's evaluations ({sorted(last)}); "
                          "use student_acc or a logged loss such as loss_kd")
-    return {k: v for k, v in last.items() if isinstance(v, (int, float))} | {"epochs_done": summary["epochs_done"]}
+    return ({k: v for k, v in last.items() if isinstance(v, (int, float))}
+            | {"epochs_done": summary["epochs_done"], "evaluations": len(summary["history"])})
 
 
 def next_segment(trial_root: Path) -> Path:
@@ -124,7 +151,8 @@ def trial_tracker(cfg: RunConfig, trial_id: str, trial_name: str, parent_run_id:
             raise
         print(f"warning: trial {trial_name} continues WITHOUT tracking: {error}")
         return NullTracker()
-    if found:
+    if found:  # PBT restarted the trial, or a resumed sweep did (which had ended its run as KILLED)
+        client.update_run(found[0].info.run_id, status="RUNNING")
         return MlflowTracker(uri, found[0].info.run_id)
     return create_tracker(cfg, run_name=trial_name, parent_run_id=parent_run_id,
                           tags={TRIAL_TAG: trial_id, "muse.sweep": sweep_name})

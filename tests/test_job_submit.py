@@ -1,5 +1,6 @@
-"""`orchestration/run.py` as a Ray job: a real head started with `ray start --head`, the repo shipped
-with `ray job submit --working-dir`, the driver joining the job's cluster (not a new local one).
+"""`orchestration/run.py` and `sweeps/run.py` as Ray jobs: a real head started with `ray start --head`,
+the repo shipped with `ray job submit --working-dir`, the driver joining the job's cluster (not a new
+local one); and a sweep driver on that head interrupted by SIGINT, then continued with --resume.
 
 Token authentication (Ray 2.59+): a head started while `RAY_AUTH_MODE` is unset turns it on by itself
 when a token exists (`~/.ray/auth_token`), but the job client does not: without `RAY_AUTH_MODE=token`
@@ -10,6 +11,7 @@ from ~/.ray/auth_token (or `RAY_AUTH_TOKEN` / `RAY_AUTH_TOKEN_PATH`).
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import re
@@ -22,10 +24,12 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterable
 from pathlib import Path
 
 import pytest
 import yaml
+from mlflow.tracking import MlflowClient
 
 from muse.config import load_config
 from muse.teacher import ensure_teacher
@@ -193,3 +197,86 @@ def test_a_sweep_as_a_ray_job(head, tmp_path, teacher_dir, digits_splits):
         assert re.search(rf"^trial_\w+ +\| done +\| {kr} +\|", output, re.MULTILINE), output[-3000:]
     assert (tmp_path / "sweep" / "results.csv").read_text().count("\n") == 3
     assert load_config(tmp_path / "sweep" / "best_config.yaml").loss.kr in (0.0, 1.0)
+
+
+def committed_checkpoints(run_dirs: Iterable[Path]) -> int:
+    """The checkpoints Ray Train's snapshots list in these run folders (a snapshot being written counts 0)."""
+    count = 0
+    for run_dir in run_dirs:
+        try:
+            count += len(json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())["checkpoint_results"])
+        except (OSError, ValueError, KeyError):
+            pass
+    return count
+
+
+def test_an_interrupted_sweep_continues_with_resume(head, tmp_path, teacher_dir, digits_splits):
+    """Ctrl+C stops a sweep mid-trial; the same command plus --resume keeps the finished work, continues
+    the unfinished trial from its newest checkpoint and runs the trial not yet started."""
+    _, gcs_address = head
+    teacher = fast_digits_config(tmp_path, teacher_dir)
+    ensure_teacher(teacher, digits_splits)
+    root = tmp_path / "sweep"
+    sweep = tmp_path / "resumable.yaml"
+    sweep.write_text(yaml.safe_dump({
+        "config": "digits", "output_dir": str(root), "search": {"algorithm": "grid"},
+        "overrides": [*FAST_DIGITS, "tracking.enabled=true", "distill.epochs=4", "distill.kd_steps=10",
+                      "ray.train.checkpoint_every=1",
+                      f"teacher.checkpoint={teacher.teacher_checkpoint}", "ray.generators.num_cpus=0.45",
+                      "ray.train.cpus_per_worker=0.45"],
+        "space": {"loss.kr": {"grid": [0.0, 1.0]}}, "max_concurrent_trials": 1}))  # one trial after the other
+    command = [sys.executable, str(REPO / "sweeps" / "run.py"), str(sweep)]
+    env = ray_env(RAY_ADDRESS=gcs_address, RAY_AUTH_MODE="token")
+
+    log = tmp_path / "first.log"
+    with log.open("w") as out:
+        first = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    try:
+        deadline = time.monotonic() + JOB_TIMEOUT_S
+        # Interrupt once Ray Train has committed the first trial's checkpoint of its second distillation
+        # epoch (after 2 warm-up epochs).
+        while committed_checkpoints(root.glob("trials/*/segment-00")) < 4:
+            assert first.poll() is None and time.monotonic() < deadline, log.read_text()[-5000:]
+            time.sleep(0.5)
+        first.send_signal(signal.SIGINT)  # what Ctrl+C sends
+        assert first.wait(timeout=120) == 130, log.read_text()[-5000:]
+    finally:
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
+    assert "continue with the same command plus --resume" in log.read_text()
+    [interrupted] = [p.name for p in (root / "trials").iterdir()]
+    assert "unfinished" in (root / "results.csv").read_text()
+    state = json.loads((root / "sweep_state.json").read_text())
+    client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    assert client.get_run(state["parent_run_id"]).info.status == "KILLED"
+
+    changed = subprocess.run([*command, "--resume", "loss.bn=0.5"], env=env, capture_output=True, text=True,
+                             timeout=JOB_TIMEOUT_S)
+    assert changed.returncode == 2 and "the run config differ" in changed.stderr, changed.stderr[-3000:]
+
+    resumed = subprocess.run([*command, "--resume"], env=env, capture_output=True, text=True, timeout=JOB_TIMEOUT_S)
+    output = resumed.stdout + resumed.stderr
+    assert resumed.returncode == 0, output[-5000:]
+    for kr in ("0", "1"):
+        assert re.search(rf"^trial_\w+ +\| done +\| {kr} +\|", output, re.MULTILINE), output[-3000:]
+    # The interrupted trial went on from a checkpoint of its first segment, past the epochs it had done.
+    segments = [json.loads(line) for line in (root / "trials" / interrupted / "segments.jsonl").read_text().splitlines()]
+    assert [s["segment"] for s in segments] == ["segment-00", "segment-01"]
+    assert f"{interrupted}/segment-00/checkpoint_" in segments[1]["resumed_from"] and segments[1]["start_epoch"] >= 4
+    # One parent run, FINISHED again, with one FINISHED child per trial holding every evaluated epoch.
+    parent = client.get_run(state["parent_run_id"])
+    assert parent.info.status == "FINISHED"
+    children = client.search_runs([parent.info.experiment_id],
+                                  filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    assert len(children) == 2 and {c.info.status for c in children} == {"FINISHED"}
+    for child in children:
+        steps = {m.step for m in client.get_metric_history(child.info.run_id, "student_acc")}
+        assert steps == {2, 3, 4, 5}, child.info.run_name  # warm-up epochs 0-1, then 4 evaluations
+    # The table and results.csv take each trial's curve from its summary: every evaluation, including those
+    # whose reports to Tune were in flight at the stop.
+    summary = json.loads((root / "trials" / interrupted / "segment-01" / "summary.json").read_text())
+    with (root / "results.csv").open() as handle:
+        row = next(r for r in csv.DictReader(handle) if r["trial"] == interrupted)
+    assert float(row["final_student_acc"]) == pytest.approx(summary["student_acc"])
+    assert float(row["best_student_acc"]) == pytest.approx(max(h["student_acc"] for h in summary["history"]))
+    assert load_config(root / "best_config.yaml").loss.kr in (0.0, 1.0)

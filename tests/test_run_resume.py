@@ -126,4 +126,4 @@ def test_a_fresh_run_into_a_used_output_dir_is_refused(runs):
 def test_resume_of_a_folder_without_checkpoints_exits_2(tmp_path, capsys):
     assert main(["--resume", str(tmp_path)]) == 2
     err = capsys.readouterr().err
-    assert f"--resume {str(tmp_path)!r}: no checkpoint_*/{STATE_FILE} there" in err
+    assert f"--resume {str(tmp_path)!r}: no checkpoint_*/{STATE_FILE} there that Ray Train committed" in err
