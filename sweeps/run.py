@@ -154,7 +154,8 @@ def run_sweep(spec: SweepSpec, base: RunConfig, resume: bool = False) -> SweepOu
         trainable = tune.with_resources(tune.with_parameters(run_trial, sweep=payload),
                                         tune.PlacementGroupFactory(bundles))
         random.seed(spec.scheduler.seed)  # PBT explores with Python's random module in this process
-        # Restored: the trials, their results and checkpoints, and the searcher's and scheduler's state.
+        # Restored: the trials, their results and checkpoints, and the searcher's state. Not the
+        # scheduler's: Tune rebuilds it as it was before the first trial (ASHA's rungs start empty).
         tuner = tune.Tuner.restore(str(root / TUNE_DIR), trainable, resume_unfinished=True,
                                    resume_errored=True) if resume else tune.Tuner(
             trainable,
@@ -171,7 +172,9 @@ def run_sweep(spec: SweepSpec, base: RunConfig, resume: bool = False) -> SweepOu
         rows = [_row(result, spec, base) for result in grid]
         # Ctrl+C: Tune stops the trials, saves the experiment and returns what it has.
         if grid.num_terminated + grid.num_errors < len(grid) or len(grid) < spec.trial_count:
-            rows = [replace(r, status="unfinished") if r.status == "stopped" else r for r in rows]
+            # Tune marks a result `done` when a scheduler or stopper stopped the trial; the rest were cut off.
+            rows = [replace(r, status="unfinished") if r.status == "stopped" and not result.metrics.get("done") else r
+                    for r, result in zip(rows, grid)]
             _write_results(rows, spec, root)
             parent.finish([root / "results.csv"], status="KILLED")
             return SweepOutcome(root, rows, None, None, concurrency, parent.run_id, interrupted=True)
@@ -196,9 +199,12 @@ def _write_state(root: Path, parent_run_id: str | None, spec: SweepSpec, base: R
 def _resumable(spec: SweepSpec, base: RunConfig, root: Path) -> str | None:
     """The parent run id of the sweep interrupted in `root`, after checking it is the same sweep."""
     state_file = root / SWEEP_STATE
-    if not state_file.is_file() or not tune.Tuner.can_restore(str(root / TUNE_DIR)):
-        raise ConfigError(f"--resume: no interrupted sweep in {str(root)!r}; start it without --resume, or give "
-                          "the folder it ran in with --output-dir")
+    # Tune writes tuner.pkl at once, its experiment state only once trials have started.
+    saved_experiment = any((root / TUNE_DIR).glob("experiment_state-*.json"))
+    if not state_file.is_file() or not saved_experiment or not tune.Tuner.can_restore(str(root / TUNE_DIR)):
+        raise ConfigError(f"--resume: no interrupted sweep in {str(root)!r} (or it stopped before any trial "
+                          "started: remove the folder and start again); start it without --resume, or give the "
+                          "folder it ran in with --output-dir")
     saved = json.loads(state_file.read_text())
     now = json.loads(json.dumps({"spec": spec.model_dump(mode="json"), "base": base.model_dump(mode="json")}))
     changed = [what for key, what in (("spec", "sweep file"), ("base", "run config")) if saved[key] != now[key]]
@@ -300,7 +306,9 @@ def _row(result: Any, spec: SweepSpec, cfg: RunConfig) -> TrialRow:
     reported = []
     if frame is not None and spec.metric in frame:
         frame = frame.dropna(subset=[spec.metric])
-        reported = [{"epoch": int(e), spec.metric: float(v)} for e, v in zip(frame["epoch"], frame[spec.metric])]
+        # A trial continued by --resume reports the epochs after its checkpoint again: keep the last of each.
+        by_epoch = {int(e): float(v) for e, v in zip(frame["epoch"], frame[spec.metric])}
+        reported = [{"epoch": e, spec.metric: v} for e, v in sorted(by_epoch.items())]
     name = Path(result.path).name
     finished = bool(reported) and reported[-1]["epoch"] >= cfg.total_epochs - 1
     # Tune keeps the results that reached it; a trial continued by --resume lost those in flight at
@@ -332,7 +340,7 @@ def _best(rows: list[TrialRow], mode: str) -> TrialRow | None:
 
 def _write_best_config(user_base: RunConfig, best: TrialRow, spec: SweepSpec, root: Path) -> Path:
     # The rerun lands beside the sweep's folder, and keeps the sweep's teacher.
-    cfg = with_overrides(user_base, best.params | {"output_dir": str(root.parent / f"{spec.name}-best"),
+    cfg = with_overrides(user_base, best.params | {"output_dir": str(root.parent / f"{root.name}-best"),
                                                    "teacher.checkpoint": str(user_base.teacher_checkpoint)})
     header = (f"# Best trial of sweep {spec.name!r} ({best.trial}): final {spec.metric} {best.final:.2f}, "
               f"best {best.best:.2f} over {best.reports} reports to Tune.\n"

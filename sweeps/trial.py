@@ -146,13 +146,14 @@ def trial_tracker(cfg: RunConfig, trial_id: str, trial_name: str, parent_run_id:
     try:
         client, experiment_id = open_store(uri, cfg.tracking.experiment, cfg.output_dir / "mlartifacts")
         found = client.search_runs([experiment_id], filter_string=f"tags.`{TRIAL_TAG}` = '{trial_id}'", max_results=1)
+        if found:  # PBT restarted the trial, or a resumed sweep did (which had ended its run as KILLED)
+            client.update_run(found[0].info.run_id, status="RUNNING")
     except Exception as error:
         if cfg.tracking.required:
             raise
         print(f"warning: trial {trial_name} continues WITHOUT tracking: {error}")
         return NullTracker()
-    if found:  # PBT restarted the trial, or a resumed sweep did (which had ended its run as KILLED)
-        client.update_run(found[0].info.run_id, status="RUNNING")
+    if found:
         return MlflowTracker(uri, found[0].info.run_id)
     return create_tracker(cfg, run_name=trial_name, parent_run_id=parent_run_id,
                           tags={TRIAL_TAG: trial_id, "muse.sweep": sweep_name})

@@ -67,6 +67,19 @@ def test_missing_sweep_file_names_the_fix(tmp_path):
         load_sweep(tmp_path / "nope.yaml")
 
 
+def test_resume_needs_a_sweep_that_tune_saved(tmp_path):
+    spec, base = load_sweep(SWEEPS / "kr_schedules.yaml")
+    spec = spec.model_copy(update={"output_dir": tmp_path / "sweep"})
+    with pytest.raises(ConfigError, match="--resume: no interrupted sweep in"):
+        run_sweep(spec, base, resume=True)
+    (tmp_path / "sweep" / "tune").mkdir(parents=True)
+    (tmp_path / "sweep" / "tune" / "tuner.pkl").write_bytes(b"")  # stopped before any trial started
+    with pytest.raises(ConfigError, match="stopped before any trial started"):
+        run_sweep(spec, base, resume=True)
+    with pytest.raises(ConfigError, match="holds an earlier sweep; continue it with --resume"):
+        run_sweep(spec, base)
+
+
 def test_trial_reserves_driver_and_generators_and_counts_train_workers():
     spec, _ = load_sweep(SWEEPS / "kr_schedules.yaml")
     cfg = load_config("digits", ["ray.generators.count=2", "ray.generators.num_cpus=0.5",
@@ -171,7 +184,7 @@ def test_sweep_writes_a_runnable_best_config_and_a_table(asha_sweep):
     best = load_config(outcome.best_config)  # what `muse distill --config <it>` reads
     assert best.loss.kr == pytest.approx(outcome.best.params["loss.kr"])
     assert best.resolution.schedule == outcome.best.params["resolution.schedule"]
-    assert best.output_dir == outcome.directory.parent / "asha-best" and best.teacher_checkpoint.is_file()
+    assert best.output_dir == outcome.directory.parent / f"{outcome.directory.name}-best" and best.teacher_checkpoint.is_file()
     assert best.tracking.uri is None and best.distill.epochs == 2
     table = format_table(spec, outcome.rows)
     assert "loss.kr" in table and outcome.best.trial in table
