@@ -60,7 +60,9 @@ class TrialRow:
     params: dict[str, Any]
     final: float | None
     best: float | None
-    reports: int  # results Tune received: one per evaluated epoch (ASHA, FIFO) or per segment (PBT)
+    # Points in `history`: every evaluated epoch of a finished trial (from its summary), else the results
+    # Tune kept (one per evaluation; one per segment for PBT).
+    evaluations: int
     history: list[dict[str, Any]]
 
 
@@ -318,7 +320,7 @@ def _row(result: Any, spec: SweepSpec, cfg: RunConfig) -> TrialRow:
     status = "error" if result.error else ("done" if finished else "stopped")
     pick = max if spec.mode == "max" else min
     return TrialRow(name, status, {k: result.config[k] for k in spec.space},
-                    values[-1] if values else None, pick(values) if values else None, len(reported), history)
+                    values[-1] if values else None, pick(values) if values else None, len(history), history)
 
 
 def _summary_history(trial_root: Path, metric: str) -> list[dict[str, Any]] | None:
@@ -343,7 +345,7 @@ def _write_best_config(user_base: RunConfig, best: TrialRow, spec: SweepSpec, ro
     cfg = with_overrides(user_base, best.params | {"output_dir": str(root.parent / f"{root.name}-best"),
                                                    "teacher.checkpoint": str(user_base.teacher_checkpoint)})
     header = (f"# Best trial of sweep {spec.name!r} ({best.trial}): final {spec.metric} {best.final:.2f}, "
-              f"best {best.best:.2f} over {best.reports} reports to Tune.\n"
+              f"best {best.best:.2f} over {best.evaluations} evaluations.\n"
               f"# Run it: muse distill --config {root / 'best_config.yaml'}\n")
     if spec.scheduler.kind == "pbt":
         header += (f"# PBT: this is the trial's last config; it trained under earlier ones and cloned other trials'\n"
@@ -358,19 +360,19 @@ def _write_results(rows: list[TrialRow], spec: SweepSpec, root: Path) -> Path:
     def write(tmp: Path) -> None:
         with tmp.open("w", newline="") as handle:
             writer = csv.writer(handle)
-            writer.writerow(["trial", "status", *spec.space, f"final_{spec.metric}", f"best_{spec.metric}", "reports"])
+            writer.writerow(["trial", "status", *spec.space, f"final_{spec.metric}", f"best_{spec.metric}", "evaluations"])
             for r in rows:
                 writer.writerow([r.trial, r.status, *(_csv_value(r.params[k]) for k in spec.space), r.final, r.best,
-                                 r.reports])
+                                 r.evaluations])
 
     return atomic_write(root / "results.csv", write)
 
 
 def format_table(spec: SweepSpec, rows: list[TrialRow]) -> str:
-    header = ["trial", "status", *spec.space, f"final {spec.metric}", "best", "reports"]
+    header = ["trial", "status", *spec.space, f"final {spec.metric}", "best", "evaluations"]
     body = [[r.trial, r.status, *(_short(r.params[k]) for k in spec.space),
              f"{r.final:.2f}" if r.final is not None else "-", f"{r.best:.2f}" if r.best is not None else "-",
-             str(r.reports)] for r in sorted(rows, key=lambda r: _rank(r, spec.mode))]
+             str(r.evaluations)] for r in sorted(rows, key=lambda r: _rank(r, spec.mode))]
     widths = [max(len(str(c)) for c in column) for column in zip(header, *body)]
     lines = [" | ".join(str(c).ljust(w) for c, w in zip(line, widths)) for line in [header, *body]]
     lines.insert(1, "-+-".join("-" * w for w in widths))

@@ -279,4 +279,5 @@ def test_an_interrupted_sweep_continues_with_resume(head, tmp_path, teacher_dir,
         row = next(r for r in csv.DictReader(handle) if r["trial"] == interrupted)
     assert float(row["final_student_acc"]) == pytest.approx(summary["student_acc"])
     assert float(row["best_student_acc"]) == pytest.approx(max(h["student_acc"] for h in summary["history"]))
+    assert row["evaluations"] == "4"
     assert load_config(root / "best_config.yaml").loss.kr in (0.0, 1.0)
