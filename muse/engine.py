@@ -6,9 +6,11 @@ episodes, `kd_steps` student steps on pool batches, and an evaluation on the rea
 
 from __future__ import annotations
 
+import functools
 import random
 import time
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -63,6 +65,11 @@ class SynthesisTally:
 
     def merge(self, other: SynthesisTally) -> SynthesisTally:
         return SynthesisTally(self.images + other.images, self.pixels + other.pixels, self.seconds + other.seconds)
+
+    @classmethod
+    def total(cls, saved: Iterable[dict[str, Any]]) -> SynthesisTally:
+        """The sum of tallies saved with `as_dict` (e.g. one per Ray Train worker)."""
+        return functools.reduce(cls.merge, (cls.from_dict(s) for s in saved), cls())
 
     def as_dict(self) -> dict[str, Any]:
         return {"images": {str(k): v for k, v in sorted(self.images.items())},

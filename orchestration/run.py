@@ -189,9 +189,7 @@ def summarize(cfg: RunConfig, checkpoint: ray.train.Checkpoint, wall_s: float) -
         directory = Path(tmp)
         state = torch.load(directory / STATE_FILE, map_location="cpu", weights_only=True)
         ranks = [json.loads(p.read_text()) for p in sorted(directory.glob("rank*.json"))]
-    tally = SynthesisTally()
-    for rank in ranks:
-        tally = tally.merge(SynthesisTally.from_dict(rank["tally"]))
+    tally = SynthesisTally.total(rank["tally"] for rank in ranks)
     summary = build_summary(cfg, state["teacher_acc"], state["history"], tally, wall_s,
                             state["distiller"]["steps"], sum(r["episodes"] for r in ranks))
     summary |= {"epochs_done": state["epoch"], "checkpoint": checkpoint.path,

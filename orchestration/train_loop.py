@@ -13,7 +13,6 @@ actor states, RNG, counters, history, config) from rank 0, and each rank's pool 
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import math
@@ -166,7 +165,7 @@ def _tally_over_ranks(tally: SynthesisTally, world: int) -> SynthesisTally:
     """The synthesis tally summed over every Train worker (a collective: every rank must call it)."""
     gathered: list[dict[str, Any] | None] = [None] * world
     torch.distributed.all_gather_object(gathered, tally.as_dict())
-    return functools.reduce(SynthesisTally.merge, (SynthesisTally.from_dict(t) for t in gathered if t))
+    return SynthesisTally.total(t for t in gathered if t)
 
 
 def _set_report_log_level(level: str) -> None:

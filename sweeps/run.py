@@ -132,19 +132,16 @@ def run_sweep(spec: SweepSpec, base: RunConfig, resume: bool = False) -> SweepOu
     root = spec.directory
     user_base = base
     base = _trial_base(base, root, spec.name)
-    if resume:
-        parent_run_id = _resumable(spec, base, root)
-    elif (root / TUNE_DIR).exists():
+    parent_run_id = _resumable(spec, base, root) if resume else None
+    if not resume and (root / TUNE_DIR).exists():
         raise ConfigError(f"sweep folder {str(root)!r} holds an earlier sweep; continue it with --resume, give "
                           "--output-dir (or output_dir in the sweep file) a new folder, or remove the old one")
     ensure_teacher(base, load_dataset(base.data), resolve_device("cpu" if base.device == "auto" else base.device))
     demand, bundles = trial_resources(spec, base)
     concurrency = concurrent_trials(spec.max_concurrent_trials, demand, ray.cluster_resources())
     parent_cfg = base.model_copy(update={"output_dir": root})
-    if resume and parent_run_id is not None:
-        parent = reopen_tracker(parent_cfg, parent_run_id)
-    else:
-        parent = create_tracker(parent_cfg, run_name=spec.name, tags={"muse.sweep": spec.name})
+    parent = (reopen_tracker(parent_cfg, parent_run_id) if parent_run_id is not None
+              else create_tracker(parent_cfg, run_name=spec.name, tags={"muse.sweep": spec.name}))
     rows: list[TrialRow] = []
     try:
         if isinstance(parent, MlflowTracker) and not resume:
@@ -217,14 +214,11 @@ def _resumable(spec: SweepSpec, base: RunConfig, root: Path) -> str | None:
 
 
 def _trial_base(base: RunConfig, root: Path, name: str) -> RunConfig:
-    """The base config every trial starts from: absolute paths (a trial runs in its own process and
-    folder), the teacher pinned to one file trained once before the trials, and tracking into the
-    sweep's store."""
-    values: dict[str, Any] = {"output_dir": str(root / "trials"),
-                              "teacher.checkpoint": str(base.teacher_checkpoint.resolve()),
+    """The base config every trial starts from: the teacher pinned to one file trained once before the
+    trials (its default path follows output_dir, which moves), and tracking into the sweep's store.
+    Paths are absolute already (RunConfig makes them so), as trials run in other directories."""
+    values: dict[str, Any] = {"output_dir": str(root / "trials"), "teacher.checkpoint": str(base.teacher_checkpoint),
                               "tracking.experiment": name}
-    if base.data.root is not None:
-        values["data.root"] = str(base.data.root.resolve())
     if base.tracking.uri is None:
         values["tracking.uri"] = f"sqlite:///{root / 'mlflow.db'}"
     return with_overrides(base, values)

@@ -22,7 +22,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 
 from muse.config import ConfigError, RunConfig, validate_config, with_overrides
 from muse.engine import finish_tracking
-from muse.tracking import MlflowTracker, NullTracker, create_tracker, open_store, tracking_uri
+from muse.tracking import NullTracker, create_tracker, open_store, reopen_tracker, tracking_uri
 from orchestration.run import latest_checkpoint, run, summarize
 from orchestration.train_loop import read_state
 
@@ -142,18 +142,15 @@ def trial_tracker(cfg: RunConfig, trial_id: str, trial_name: str, parent_run_id:
     """The trial's MLflow child run: found again by its trial id when PBT restarts the trial, else new."""
     if not cfg.tracking.enabled or parent_run_id is None:
         return NullTracker()
-    uri = tracking_uri(cfg)
     try:
-        client, experiment_id = open_store(uri, cfg.tracking.experiment, cfg.output_dir / "mlartifacts")
+        client, experiment_id = open_store(tracking_uri(cfg), cfg.tracking.experiment, cfg.output_dir / "mlartifacts")
         found = client.search_runs([experiment_id], filter_string=f"tags.`{TRIAL_TAG}` = '{trial_id}'", max_results=1)
-        if found:  # PBT restarted the trial, or a resumed sweep did (which had ended its run as KILLED)
-            client.update_run(found[0].info.run_id, status="RUNNING")
     except Exception as error:
         if cfg.tracking.required:
             raise
         print(f"warning: trial {trial_name} continues WITHOUT tracking: {error}")
         return NullTracker()
-    if found:
-        return MlflowTracker(uri, found[0].info.run_id)
+    if found:  # PBT restarted the trial, or a resumed sweep did (which had ended its run as KILLED)
+        return reopen_tracker(cfg, found[0].info.run_id)
     return create_tracker(cfg, run_name=trial_name, parent_run_id=parent_run_id,
                           tags={TRIAL_TAG: trial_id, "muse.sweep": sweep_name})
