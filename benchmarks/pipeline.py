@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import shutil
 import sys
 import threading
 import time
@@ -31,13 +32,19 @@ import torch
 
 from muse.config import RunConfig, load_config
 from muse.data import load_dataset
-from muse.engine import build_run, draw_batch, run_distillation
+from muse.engine import build_run, run_distillation
+from muse.loop import draw_batch
 from muse.io import save_json
 from muse.teacher import ensure_teacher
-from orchestration.run import run as run_pipeline
+from orchestration.runner import run as run_pipeline
 
 WORK = ["synthesis.warmup=1", "synthesis.gwp_loops=4", "synthesis.g_loops=2", "distill.epochs=6",
         "distill.kd_steps=20"]
+
+
+def fresh_folder(run_dir: Path) -> None:
+    """Remove the benchmark's own run folder of an earlier invocation (runs refuse a used output_dir)."""
+    shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def episodes_of(cfg: RunConfig) -> int:
@@ -115,6 +122,7 @@ def main() -> None:
     splits = load_dataset(cfg.data)
     ensure_teacher(cfg, splits)  # trained once, outside every timed mode
 
+    fresh_folder(cfg.output_dir)
     sequential = run_distillation(cfg, splits, progress=False)
     evals = len(sequential["history"])
     report: dict[str, Any] = {
@@ -137,6 +145,7 @@ def main() -> None:
             run_cfg = load_config(args.config, [*base, *gpu, f"output_dir={out / f'pipeline-{count}'}",
                                                 f"ray.generators.count={count}", f"ray.generators.num_cpus={cpus}",
                                                 "ray.train.count=1", "ray.train.cpus_per_worker=1"])
+            fresh_folder(run_cfg.output_dir)
             with ObjectStoreSampler() as sampler:
                 summary = run_pipeline(run_cfg)
             loop_s = summary["loop_s"]

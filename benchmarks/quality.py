@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import time
 from pathlib import Path
@@ -19,7 +20,8 @@ import timm
 
 from muse.config import load_config
 from muse.data import load_dataset
-from muse.engine import resolve_device, run_distillation
+from muse.engine import run_distillation
+from muse.runtime import resolve_device
 from muse.io import save_json
 from muse.teacher import ensure_teacher, train_supervised
 
@@ -35,6 +37,7 @@ def run_method(tier: str, method: str, seed: int, out: Path, extra: list[str]) -
     overrides = [*METHOD_OVERRIDES.get(method, []), f"seed={seed}", f"output_dir={out / f'{method}-s{seed}'}",
                  f"teacher.checkpoint={out / 'teacher.pt'}", *extra]
     cfg = load_config(TIERS[tier], overrides)
+    shutil.rmtree(cfg.output_dir, ignore_errors=True)  # this benchmark's own folder from an earlier invocation
     splits = load_dataset(cfg.data)
     if method == "real":
         started = time.perf_counter()

@@ -2,6 +2,8 @@
 
     muse train-teacher --config digits
     muse distill --config digits loss.kr=1.0 resolution.set=[8,16]
+    muse distill --config digits --stop-after-epoch 9        # checkpoint and stop (a staged run)
+    muse distill --resume runs/digits                         # continue from the latest checkpoint
     muse show-config --config mnist method=nayer
 """
 
@@ -12,9 +14,12 @@ import sys
 
 import yaml
 
+from muse.commandline import (add_run_control_flags, add_tracking_flags, format_summary, run_config,
+                              tracking_overrides)
 from muse.config import ConfigError, load_config, shipped_configs
 from muse.data import DatasetError, load_dataset
-from muse.engine import resolve_device, run_distillation
+from muse.engine import run_distillation
+from muse.runtime import resolve_device
 from muse.teacher import train_teacher
 
 
@@ -30,10 +35,14 @@ def main(argv: list[str] | None = None) -> int:
                              help=f"YAML file or shipped config {shipped_configs()} (default: digits)")
         command.add_argument("overrides", nargs="*", help="dotted overrides, e.g. loss.kr=2.0 seed=1")
         if name == "distill":
+            add_run_control_flags(command)
             add_tracking_flags(command)
     args = parser.parse_args(argv)
     try:
-        cfg = load_config(args.config, [*tracking_overrides(args), *args.overrides])
+        if args.command == "distill":
+            cfg, checkpoint = run_config(args, tracking_overrides(args))
+        else:
+            cfg, checkpoint = load_config(args.config, args.overrides), None
         if args.command == "show-config":
             print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
         elif args.command == "train-teacher":
@@ -41,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"teacher {meta['arch']} on {meta['dataset']}: test top-1 {meta['test_acc']:.2f}% "
                   f"→ {cfg.teacher_checkpoint}")
         else:
-            summary = run_distillation(cfg)
+            summary = run_distillation(cfg, resume_from=checkpoint, stop_after_epoch=args.stop_after_epoch)
             print(format_summary(summary))
             print(f"summary: {cfg.output_dir / 'summary.json'}")
             if cfg.tracking.enabled and cfg.tracking.uri is None:
@@ -51,39 +60,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     return 0
-
-
-def add_tracking_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--mlflow-uri", metavar="URI",
-                        help="MLflow tracking server, e.g. http://127.0.0.1:5000 (default: an sqlite store in output_dir)")
-    parser.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
-    parser.add_argument("--tracking-optional", action="store_true",
-                        help="if the MLflow server is unreachable, warn and go on without tracking")
-
-
-def tracking_overrides(args: argparse.Namespace) -> list[str]:
-    """The config overrides the tracking flags stand for (absent flags add nothing)."""
-    overrides = [f"tracking.uri={args.mlflow_uri}"] if getattr(args, "mlflow_uri", None) else []
-    if getattr(args, "no_tracking", False):
-        overrides.append("tracking.enabled=false")
-    if getattr(args, "tracking_optional", False):
-        overrides.append("tracking.required=false")
-    return overrides
-
-
-def format_summary(summary: dict) -> str:
-    images = summary["synthesis"]["images"]
-    rows = [
-        ("method", summary["method"]),
-        ("teacher", f"{summary['teacher']}  top-1 {summary['teacher_acc']:.2f}%"),
-        ("student", f"{summary['student']}  top-1 {summary['student_acc']:.2f}% (final), "
-                    f"{summary['best_acc']:.2f}% (best, epoch {summary['best_epoch']})"
-                    if summary["student_acc"] is not None else f"{summary['student']}  not evaluated yet (warm-up)"),
-        ("synthesised", ", ".join(f"{n} images @{r}px" for r, n in images.items())),
-        ("wall time", f"{summary['wall_s']:.1f} s"),
-    ]
-    width = max(len(k) for k, _ in rows)
-    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,8 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from muse.datasets import DATASETS, dataset_names, get_dataset
+
 
 class ConfigError(ValueError):
     """A run configuration that cannot be used; the message names the field and the fix."""
@@ -37,7 +39,7 @@ class Section(BaseModel):
 class DataConfig(Section):
     """The real dataset: used to train the teacher and to evaluate the student, never to distill."""
 
-    name: Literal["digits", "mnist", "cifar10", "imagefolder"] = "digits"
+    name: str = Field("digits", description=f"A registered dataset (muse.datasets): {', '.join(dataset_names())}")
     root: RunPath | None = Field(
         None,
         description="Folder with train.npz/test.npz (mnist, cifar10) or train/ and val/ class folders "
@@ -47,6 +49,12 @@ class DataConfig(Section):
         None, ge=4, le=1024, description="Evaluation resolution; default: the dataset's native one."
     )
     eval_batch_size: int = Field(512, ge=1)
+
+    @field_validator("name")
+    @classmethod
+    def _registered(cls, value: str) -> str:
+        get_dataset(value)  # raises UnknownDatasetError (a ValueError) listing the registered names
+        return value
 
     @model_validator(mode="after")
     def _root_when_needed(self) -> DataConfig:
@@ -80,8 +88,10 @@ class EmbeddingConfig(Section):
     @field_validator("source")
     @classmethod
     def _known_source(cls, value: str) -> str:
-        if value in ("teacher-fc", "random") or (value.startswith("file:") and len(value) > 5):
+        if value in ("teacher-fc", "random"):
             return value
+        if value.startswith("file:") and len(value) > 5:  # made absolute like every RunPath
+            return f"file:{_absolute(Path(value.removeprefix('file:')))}"
         raise ValueError("must be 'teacher-fc', 'random' or 'file:PATH.npy'")
 
 
@@ -191,7 +201,6 @@ class TrainWorkersConfig(Section):
     use_gpu: bool = Field(False, description="One GPU per Train worker")
     resources: dict[str, float] = Field(
         default_factory=dict, description="Custom resources per Train worker, e.g. {trainer_node: 1}")
-    checkpoint_every: int = Field(5, ge=1, description="Report a checkpoint every this many epochs (and the last)")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         "WARNING", description="Ray Train's own console lines; INFO adds a line per report and per checkpoint")
 
@@ -250,6 +259,8 @@ class RunConfig(Section):
     seed: int = 0
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
     output_dir: RunPath = Field(Path("runs/default"), validate_default=True)
+    checkpoint_every: int = Field(
+        5, ge=1, description="Checkpoint into output_dir every this many epochs (and at the last or stop epoch)")
     data: DataConfig = Field(default_factory=DataConfig)
     teacher: TeacherConfig = Field(default_factory=TeacherConfig)
     student: StudentConfig = Field(default_factory=StudentConfig)
@@ -284,14 +295,13 @@ class RunConfig(Section):
 
 
 # Method presets: the NAYER baseline is the MUSE engine with its three additions switched off.
-# `None` means "the dataset's evaluation resolution", filled in by `load_config`.
+# `None` means "the dataset's evaluation resolution" (data.resolution, else its native one), filled in by
+# `load_config`.
 PRESETS: dict[str, dict[str, Any]] = {
     "muse": {},
     "nayer": {"resolution.set": None, "resolution.schedule": "fixed", "resolution.weights": None,
               "loss.kr": 0.0, "loss.aed": 0.0, "loss.ed": 0.0},
 }
-
-NATIVE_RESOLUTION = {"digits": 16, "mnist": 32, "cifar10": 32, "imagefolder": 224}
 
 
 def load_config(source: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
@@ -305,7 +315,11 @@ def load_config(source: str | Path | None = None, overrides: list[str] | None = 
     for key, value in PRESETS[method].items():
         if value is None and key == "resolution.set":
             data = {**raw.get("data", {}), **{k[5:]: v for k, v in cli.items() if k.startswith("data.")}}
-            value = [data.get("resolution") or NATIVE_RESOLUTION.get(data.get("name", "digits"), 32)]
+            name = data.get("name", DataConfig.model_fields["name"].default)
+            spec = DATASETS.get(name) if isinstance(name, str) else None
+            if not data.get("resolution") and spec is None:
+                continue  # an unknown data.name, which validation below reports
+            value = [data.get("resolution") or spec.native_resolution]
         _set_dotted(merged, key, value)
     for key, value in cli.items():
         _set_dotted(merged, key, value)

@@ -3,7 +3,8 @@
 `load_dataset(cfg.data)` returns train/test splits that yield `(normalised float image [C,R,R], int label)`
 at the evaluation resolution R, plus a `DatasetInfo` with the class names and the normalisation constants.
 
-Resizing to R is bilinear (`align_corners=False`, antialiased when shrinking) for every in-memory dataset:
+Which datasets exist, their native resolution and normalisation constants come from `muse.datasets`.
+Resizing to R is `muse.transforms.resize` (bilinear, antialiased when shrinking) for every in-memory dataset:
 digits go 8→16 and MNIST 28→32 by default. (DAFL zero-pads MNIST to 32; a resize keeps one rule for every
 dataset and resolution.) The normalisation constants are those of the source pixels and do not depend on R,
 so images synthesised at several resolutions share one normalisation.
@@ -21,11 +22,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from muse.config import NATIVE_RESOLUTION, DataConfig
+from muse.config import DataConfig
+from muse.datasets import DatasetSpec, UnknownDatasetError, get_dataset
+from muse.transforms import resize
 
 __all__ = [
     "DatasetError",
@@ -37,18 +39,6 @@ __all__ = [
     "load_dataset",
     "normalize",
 ]
-
-# Mean/std of the [0,1] 8x8 training pixels of the fixed digits split below (pixels/16, float64);
-# `tests/test_data.py` recomputes them. At 16x16 the mean is unchanged and the std is 0.319.
-DIGITS_MEAN = (0.3053833942240780,)
-DIGITS_STD = (0.3761191680900195,)
-# The standard constants of the 28x28 images; after the bilinear resize to 32 they are 0.1309 / 0.2892.
-MNIST_MEAN = (0.1307,)
-MNIST_STD = (0.3081,)
-CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
-CIFAR10_STD = (0.2470, 0.2435, 0.2616)
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 # Above this many bytes, resized uint8 images are not precomputed but resized one at a time on access.
 _PRERESIZE_LIMIT_BYTES = 1 << 30
@@ -65,9 +55,15 @@ class DatasetInfo:
     num_classes: int
     class_names: tuple[str, ...]
     in_chans: int
-    mean: tuple[float, ...]  # per channel, of the [0,1] training images
+    mean: tuple[float, ...]  # per channel, of the [0,1] training images (the registry's)
     std: tuple[float, ...]
     resolution: int  # the evaluation resolution in use
+
+    @classmethod
+    def of(cls, spec: DatasetSpec, class_names: tuple[str, ...], resolution: int) -> DatasetInfo:
+        """The info of registered dataset `spec` with the class names read from its data."""
+        return cls(name=spec.name, num_classes=len(class_names), class_names=class_names, in_chans=spec.channels,
+                   mean=spec.mean, std=spec.std, resolution=resolution)
 
 
 @dataclass
@@ -90,7 +86,7 @@ class InMemoryImages(Dataset):
         resolution = info.resolution
         resized_bytes = images.shape[0] * images.shape[1] * resolution * resolution * images.element_size()
         if images.shape[-2:] != (resolution, resolution) and resized_bytes <= _PRERESIZE_LIMIT_BYTES:
-            images = torch.cat([_resize(chunk, resolution) for chunk in images.split(_RESIZE_CHUNK)])
+            images = torch.cat([resize(chunk, resolution) for chunk in images.split(_RESIZE_CHUNK)])
         self.images = images
         self.labels = labels.long()
         self.info = info
@@ -103,7 +99,7 @@ class InMemoryImages(Dataset):
     def __getitem__(self, index: int) -> tuple[Tensor, int]:
         image = self.images[index]
         if image.shape[-2:] != (self.info.resolution, self.info.resolution):
-            image = _resize(image[None], self.info.resolution)[0]
+            image = resize(image[None], self.info.resolution)[0]
         if image.dtype == torch.uint8:
             image = image.float().div_(255.0)
         return (image - self._mean) / self._std, int(self.labels[index])
@@ -114,20 +110,22 @@ def load_dataset(cfg: DataConfig) -> ImageSplits:
 
     Raises `DatasetError` naming the problem (missing folder, file, or array; bad resolution).
     """
-    if cfg.name not in NATIVE_RESOLUTION:
-        raise DatasetError(f"data.name={cfg.name!r} is unknown: use one of {', '.join(NATIVE_RESOLUTION)}")
-    resolution = cfg.resolution if cfg.resolution is not None else NATIVE_RESOLUTION[cfg.name]
+    try:
+        spec = get_dataset(cfg.name)
+    except UnknownDatasetError as error:
+        raise DatasetError(f"data.name: {error}") from None
+    resolution = cfg.resolution if cfg.resolution is not None else spec.native_resolution
     if not isinstance(resolution, int) or resolution < 4:
         raise DatasetError(f"data.resolution={resolution!r} is unusable: use an integer of at least 4 pixels")
     if cfg.name == "digits":
-        return _load_digits(resolution)
+        return _load_digits(spec, resolution)
     root = _check_root(cfg)
     if cfg.name == "mnist":
-        return _load_mnist(root, resolution)
+        return _load_mnist(spec, root, resolution)
     if cfg.name == "cifar10":
-        return _load_cifar10(root, resolution)
+        return _load_cifar10(spec, root, resolution)
     if cfg.name == "imagefolder":
-        return _load_imagefolder(root, resolution)
+        return _load_imagefolder(spec, root, resolution)
     raise DatasetError(f"data.name={cfg.name!r} has no loader")
 
 
@@ -157,19 +155,6 @@ def _stats(images: Tensor, info: DatasetInfo) -> tuple[Tensor, Tensor]:
     mean = torch.tensor(info.mean, dtype=images.dtype, device=images.device).view(-1, 1, 1)
     std = torch.tensor(info.std, dtype=images.dtype, device=images.device).view(-1, 1, 1)
     return mean, std
-
-
-def _resize(images: Tensor, resolution: int) -> Tensor:
-    """Bilinear resize of [B,C,H,W] to resolution², antialiased when shrinking; uint8 stays uint8."""
-    if images.shape[-2:] == (resolution, resolution):
-        return images
-    shrinking = resolution < max(images.shape[-2:])
-    out = F.interpolate(
-        images.float(), size=(resolution, resolution), mode="bilinear", align_corners=False, antialias=shrinking
-    )
-    if images.dtype == torch.uint8:
-        return out.round_().clamp_(0, 255).to(torch.uint8)
-    return out.to(images.dtype)
 
 
 def _check_root(cfg: DataConfig) -> Path:
@@ -215,7 +200,7 @@ def _check_labels(labels: np.ndarray, count: int, num_classes: int, where: str) 
     return torch.from_numpy(labels.astype(np.int64))
 
 
-def _load_digits(resolution: int) -> ImageSplits:
+def _load_digits(spec: DatasetSpec, resolution: int) -> ImageSplits:
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
@@ -224,10 +209,7 @@ def _load_digits(resolution: int) -> ImageSplits:
     x_train, x_test, y_train, y_test = train_test_split(
         images, digits.target, test_size=0.2, stratify=digits.target, random_state=0
     )
-    info = DatasetInfo(
-        name="digits", num_classes=10, class_names=tuple(str(c) for c in range(10)), in_chans=1,
-        mean=DIGITS_MEAN, std=DIGITS_STD, resolution=resolution,
-    )
+    info = DatasetInfo.of(spec, tuple(str(c) for c in range(spec.num_classes)), resolution)
     return ImageSplits(
         train=InMemoryImages(torch.from_numpy(x_train), torch.from_numpy(y_train), info),
         test=InMemoryImages(torch.from_numpy(x_test), torch.from_numpy(y_test), info),
@@ -235,11 +217,8 @@ def _load_digits(resolution: int) -> ImageSplits:
     )
 
 
-def _load_mnist(root: Path, resolution: int) -> ImageSplits:
-    info = DatasetInfo(
-        name="mnist", num_classes=10, class_names=tuple(str(c) for c in range(10)), in_chans=1,
-        mean=MNIST_MEAN, std=MNIST_STD, resolution=resolution,
-    )
+def _load_mnist(spec: DatasetSpec, root: Path, resolution: int) -> ImageSplits:
+    info = DatasetInfo.of(spec, tuple(str(c) for c in range(spec.num_classes)), resolution)
     splits = []
     for split in ("train", "test"):
         path = root / f"{split}.npz"
@@ -247,12 +226,12 @@ def _load_mnist(root: Path, resolution: int) -> ImageSplits:
         x = arrays["x"]
         if x.ndim != 3 or x.dtype != np.uint8:
             raise DatasetError(f"mnist: {path} array 'x' is {x.dtype} {x.shape}, expected uint8 [N,28,28]")
-        labels = _check_labels(arrays["y"], x.shape[0], 10, f"mnist: {path} array 'y'")
+        labels = _check_labels(arrays["y"], x.shape[0], info.num_classes, f"mnist: {path} array 'y'")
         splits.append(InMemoryImages(torch.from_numpy(x)[:, None], labels, info))
     return ImageSplits(train=splits[0], test=splits[1], info=info)
 
 
-def _load_cifar10(root: Path, resolution: int) -> ImageSplits:
+def _load_cifar10(spec: DatasetSpec, root: Path, resolution: int) -> ImageSplits:
     splits = []
     class_names: tuple[str, ...] = ()
     for split in ("train", "test"):
@@ -265,10 +244,7 @@ def _load_cifar10(root: Path, resolution: int) -> ImageSplits:
         images = _decode_jpegs(arrays["jpeg"], arrays["offsets"], path)
         labels = _check_labels(arrays["labels"], images.shape[0], len(names), f"cifar10: {path} array 'labels'")
         splits.append((images, labels))
-    info = DatasetInfo(
-        name="cifar10", num_classes=len(class_names), class_names=class_names, in_chans=3,
-        mean=CIFAR10_MEAN, std=CIFAR10_STD, resolution=resolution,
-    )
+    info = DatasetInfo.of(spec, class_names, resolution)
     return ImageSplits(
         train=InMemoryImages(*splits[0], info), test=InMemoryImages(*splits[1], info), info=info
     )
@@ -326,14 +302,14 @@ def _decode_pil(blob: np.ndarray, bounds: list[int]) -> list[Tensor]:
     return images
 
 
-def _load_imagefolder(root: Path, resolution: int) -> ImageSplits:
+def _load_imagefolder(spec: DatasetSpec, root: Path, resolution: int) -> ImageSplits:
     from torchvision import datasets, transforms
 
     transform = transforms.Compose([
         transforms.Resize(int(resolution * 256 / 224)),
         transforms.CenterCrop(resolution),
         transforms.ToTensor(),
-        transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        transforms.Normalize(spec.mean, spec.std),
     ])
     folders = []
     for split in ("train", "val"):
@@ -353,9 +329,6 @@ def _load_imagefolder(root: Path, resolution: int) -> ImageSplits:
             f"imagefolder: {root}/train has classes {train.classes} but {root}/val has {val.classes}: "
             f"both need the same class folders"
         )
-    info = DatasetInfo(
-        name="imagefolder", num_classes=len(train.classes), class_names=tuple(train.classes), in_chans=3,
-        mean=IMAGENET_MEAN, std=IMAGENET_STD, resolution=resolution,
-    )
+    info = DatasetInfo.of(spec, tuple(train.classes), resolution)
     return ImageSplits(train=train, test=val, info=info)
 

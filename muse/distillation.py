@@ -12,10 +12,11 @@ import torch
 from torch import nn
 
 from muse.config import RunConfig
+from muse.datasets import get_dataset
 from muse.losses import embedding_distance_loss, kd_loss
 from muse.pool import PoolBatch
 from muse.student import StudentNet
-from muse.transforms import FLIP_SAFE, model_input, random_shift_flip
+from muse.transforms import model_input, random_shift_flip
 
 
 def cosine_schedule(total_steps: int):
@@ -25,7 +26,7 @@ def cosine_schedule(total_steps: int):
 
 class Distiller:
     def __init__(self, cfg: RunConfig, student: StudentNet, teacher: nn.Module, embeddings: torch.Tensor,
-                 mean: tuple[float, ...], std: tuple[float, ...], eval_resolution: int, total_steps: int,
+                 mean: tuple[float, ...], std: tuple[float, ...], eval_resolution: int,
                  device: torch.device | str = "cpu",
                  parallel: Callable[[nn.Module], nn.Module] | None = None) -> None:
         self.cfg = cfg
@@ -39,10 +40,11 @@ class Distiller:
         self.mean = torch.tensor(mean, device=self.device)
         self.std = torch.tensor(std, device=self.device)
         self.eval_resolution = eval_resolution
-        self.flip = FLIP_SAFE.get(cfg.data.name, True)
+        self.flip = get_dataset(cfg.data.name).flip_safe
         d = cfg.distill
         self.optimizer = torch.optim.SGD(self.student.parameters(), lr=d.lr, momentum=d.momentum,
                                          weight_decay=d.weight_decay)
+        total_steps = d.epochs * d.kd_steps  # the KD steps of the run (none in warm-up)
         multiplier = cosine_schedule(total_steps) if d.lr_schedule == "cosine" else (lambda _step: 1.0)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, multiplier)
         self.rng = torch.Generator().manual_seed(cfg.seed + 1)

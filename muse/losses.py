@@ -30,7 +30,8 @@ class BNStatisticsLoss:
         self._layers = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
         if not self._layers:
             raise ValueError("the BN-statistics loss needs a teacher with BatchNorm2d layers")
-        self._handles = [layer.register_forward_hook(self._hook) for layer in self._layers]
+        for layer in self._layers:  # kept for the teacher's life: they do nothing while inactive
+            layer.register_forward_hook(self._hook)
 
     def _hook(self, module: nn.BatchNorm2d, inputs: tuple[torch.Tensor, ...], _output: torch.Tensor) -> None:
         if not self.active:
@@ -77,10 +78,6 @@ class BNStatisticsLoss:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         device = self._layers[0].running_mean.device
         self.ema = {k: [(m.to(device), v.to(device)) for m, v in stats] for k, stats in state["ema"].items()}
-
-    def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
 
 
 def kl_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tau: float = 1.0) -> torch.Tensor:

@@ -61,6 +61,11 @@ class SyntheticPool:
             counts[record.resolution] = counts.get(record.resolution, 0) + len(record)
         return dict(sorted(counts.items()))
 
+    def latest_by_resolution(self) -> dict[int, SynthesisRecord]:
+        """The newest record of each resolution held, by resolution."""
+        latest = {record.resolution: record for record in self.records}
+        return dict(sorted(latest.items()))
+
     def sample(self, batch_size: int, rng: np.random.Generator, resolution: int | None = None) -> PoolBatch:
         """Uniform sample (with replacement when the group is smaller) from one resolution's images.
         With `resolution=None` the resolution is drawn in proportion to how many images each holds."""

@@ -17,11 +17,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from muse.config import RunConfig
+from muse.datasets import get_dataset
 from muse.generator import NoisyLayerGenerator, class_cycle
 from muse.losses import BNStatisticsLoss, adversarial_loss, embedding_distance_loss, key_region_loss
 from muse.models import classifier_weight, features_and_logits, supports_cam
 from muse.student import StudentNet
-from muse.transforms import FLIP_SAFE, model_input, random_shift_flip
+from muse.transforms import model_input, random_shift_flip
 
 
 @dataclass
@@ -70,7 +71,7 @@ class Synthesizer:
         self.mean = torch.tensor(mean, device=self.device)
         self.std = torch.tensor(std, device=self.device)
         self.eval_resolution = eval_resolution
-        self.flip = FLIP_SAFE.get(cfg.data.name, True)
+        self.flip = get_dataset(cfg.data.name).flip_safe
         self.num_classes = embeddings.shape[0]
         if cfg.loss.kr > 0 and not supports_cam(self.teacher):
             raise ValueError(f"loss.kr > 0 needs a CAM, but teacher {cfg.teacher.arch!r} has no linear classifier "

@@ -20,7 +20,8 @@ from muse.data import DatasetInfo, ImageSplits
 from muse.distillation import cosine_schedule
 from muse.evaluate import accuracy
 from muse.io import save_torch
-from muse.transforms import FLIP_SAFE, random_shift_flip
+from muse.datasets import get_dataset
+from muse.transforms import random_shift_flip
 
 CHECKPOINT_FORMAT = "muse-teacher-v1"
 
@@ -36,7 +37,7 @@ def train_supervised(model: nn.Module, splits: ImageSplits, epochs: int, batch_s
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay,
                                 nesterov=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_schedule(epochs * len(loader)))
-    flip = FLIP_SAFE.get(splits.info.name, True)
+    flip = get_dataset(splits.info.name).flip_safe
     model.to(device).train()
     bar = tqdm(range(epochs), desc=desc, unit="epoch", dynamic_ncols=True)
     for _ in bar:

@@ -3,7 +3,7 @@ summary, student checkpoint, an image grid and a teacher-CAM overlay per resolut
 accuracy curve).
 
 The embedded default is an sqlite store in the run's output directory with an absolute artifact
-location (`tracking.uri` unset); `tracking.uri=http://host:port` logs to a server. `NullTracker`
+location (`tracking.uri` unset); `tracking.uri=http://host:port` logs to a server. `Tracker`
 stands in when tracking is off, so the engine never branches on it.
 
 A tracker writes to one MLflow run through `MlflowClient` and the run's id, so any process can log to
@@ -29,28 +29,36 @@ if TYPE_CHECKING:
     from mlflow.tracking import MlflowClient
 
     from muse.data import DatasetInfo
+    from muse.loop import SynthesisTally
     from muse.synthesis import SynthesisRecord
 
 PARENT_RUN_TAG = "mlflow.parentRunId"  # MLflow's own tag: the UI nests a run under this parent
 MAX_PARAMS_PER_BATCH = 100  # MLflow's limit per log_batch call
 
 
-class NullTracker:
-    """Tracking switched off: every call does nothing."""
+class Tracker:
+    """The tracking interface every runner and sweep logs through. This base logs nothing: it stands in
+    when tracking is off (or a store was unreachable and `tracking.required=false`)."""
 
     run_id: str | None = None
     handle: dict[str, str] | None = None  # what another process needs to log to this run
+
+    def log_params(self, params: dict[str, Any]) -> None: ...
 
     def log_epoch(self, epoch: int, metrics: dict[str, Any]) -> None: ...
 
     def log_visuals(self, epoch: int, records: dict[int, SynthesisRecord], teacher: torch.nn.Module | None,
                     info: DatasetInfo, teacher_input: str) -> None: ...
 
-    def log_accuracy_curve(self, history: list[dict[str, Any]], teacher_acc: float | None, title: str) -> None: ...
+    def log_accuracy_curves(self, curves: dict[str, list[dict[str, Any]]], teacher_acc: float | None, title: str,
+                            artifact: str = "accuracy_curve.png", key: str = "student_acc") -> None: ...
 
     def set_tags(self, tags: dict[str, str]) -> None: ...
 
     def log_missing_epochs(self, epochs: dict[int, dict[str, Any]], key: str) -> None: ...
+
+    def end_open_children(self, status_of: Callable[[str], str]) -> None:
+        """End this run's child runs still RUNNING, each with `status_of(child run name)`."""
 
     def finish(self, files: list[Path], status: str = "FINISHED") -> None: ...
 
@@ -85,7 +93,7 @@ def _fail_fast() -> None:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
 
 
-class MlflowTracker(NullTracker):
+class MlflowTracker(Tracker):
     """Logs to the MLflow run `run_id` of the store at `uri`.
 
     A store that fails once the run is under way (server restarted, disk full) must not end hours of
@@ -128,11 +136,11 @@ class MlflowTracker(NullTracker):
         return tracker
 
     @classmethod
-    def attach(cls, handle: dict[str, str] | None) -> NullTracker:
+    def attach(cls, handle: dict[str, str] | None) -> Tracker:
         """The tracker of a run another process started (`handle` from `.handle`), or a no-op for None.
         That process logs the metrics of the epochs this one failed to log when it closes the run."""
         if not handle:
-            return NullTracker()
+            return Tracker()
         return cls(handle["uri"], handle["run_id"], after_failure=(
             "this process logs no more; the driver logs the missing epochs' metrics (not their images) when the "
             "run ends. A local store (sqlite, file) is only reachable from the driver's machine: on a multi-node "
@@ -147,7 +155,8 @@ class MlflowTracker(NullTracker):
 
         items = [Param(k, str(v)[:500]) for k, v in params.items()]
         for start in range(0, len(items), MAX_PARAMS_PER_BATCH):
-            self.client.log_batch(self.run_id, params=items[start:start + MAX_PARAMS_PER_BATCH])
+            batch = items[start:start + MAX_PARAMS_PER_BATCH]
+            self._safely("log params", lambda: self.client.log_batch(self.run_id, params=batch))
 
     def log_epoch(self, epoch: int, metrics: dict[str, Any]) -> None:
         from mlflow.entities import Metric
@@ -165,12 +174,13 @@ class MlflowTracker(NullTracker):
             for path, picture in epoch_visuals(epoch, records, teacher, info, teacher_input).items():
                 self._safely("log an image", lambda: self.client.log_image(self.run_id, picture, artifact_file=path))
 
-    def log_accuracy_curve(self, history: list[dict[str, Any]], teacher_acc: float | None, title: str) -> None:
+    def log_accuracy_curves(self, curves: dict[str, list[dict[str, Any]]], teacher_acc: float | None, title: str,
+                            artifact: str = "accuracy_curve.png", key: str = "student_acc") -> None:
         from muse.visuals import accuracy_curves
 
-        if history and self.failure is None:
-            figure = accuracy_curves({"student": history}, teacher_acc, title)
-            self._safely("log the accuracy curve", lambda: self.client.log_figure(self.run_id, figure, "accuracy_curve.png"))
+        if any(curves.values()) and self.failure is None:
+            figure = accuracy_curves(curves, teacher_acc, title, key=key)
+            self._safely(f"log {artifact}", lambda: self.client.log_figure(self.run_id, figure, artifact))
 
     def set_tags(self, tags: dict[str, str]) -> None:
         for key, value in tags.items():
@@ -186,6 +196,16 @@ class MlflowTracker(NullTracker):
             if epoch not in logged:
                 self.log_epoch(epoch, metrics)
 
+    def end_open_children(self, status_of: Callable[[str], str]) -> None:
+        def end() -> None:
+            experiment_id = self.client.get_run(self.run_id).info.experiment_id
+            children = self.client.search_runs([experiment_id], filter_string=f"tags.`{PARENT_RUN_TAG}` = '{self.run_id}'")
+            for child in children:
+                if child.info.status == "RUNNING":
+                    self.client.set_terminated(child.info.run_id, status=status_of(child.info.run_name))
+
+        self._safely("end the child runs", end)
+
     def finish(self, files: list[Path], status: str = "FINISHED") -> None:
         for path in files:
             if Path(path).exists():
@@ -194,35 +214,94 @@ class MlflowTracker(NullTracker):
 
 
 def create_tracker(cfg: RunConfig, run_name: str | None = None, parent_run_id: str | None = None,
-                   tags: dict[str, str] | None = None) -> NullTracker:
+                   tags: dict[str, str] | None = None) -> Tracker:
     """The run's tracker: MLflow when `tracking.enabled`, else a no-op. An unreachable store is an
     error unless `tracking.required=false`, which continues without tracking and says so."""
     return _tracker_or_warning(cfg, lambda: MlflowTracker.start(cfg, run_name, parent_run_id, tags))
 
 
-def reopen_tracker(cfg: RunConfig, run_id: str) -> NullTracker:
+def reopen_tracker(cfg: RunConfig, run_id: str) -> Tracker:
     """The tracker of an existing run in the store of `cfg` (a resumed sweep's parent run), marked
     RUNNING again; the same policy as `create_tracker` for a store that cannot be reached."""
-    def reopen() -> MlflowTracker:
-        uri = tracking_uri(cfg)
-        client, _ = open_store(uri, cfg.tracking.experiment, cfg.output_dir / "mlartifacts")
-        try:
-            client.update_run(run_id, status="RUNNING")
-        except Exception as error:  # MlflowException: no such run in this store
-            raise ConfigError(f"MLflow run {run_id} is not in {uri} ({error_summary(error)}); was the store moved "
-                              "or deleted? Set tracking.required=false to go on without tracking") from None
-        return MlflowTracker(uri, run_id)
-
-    return _tracker_or_warning(cfg, reopen)
+    return _tracker_or_warning(cfg, lambda: _reopen(cfg, run_id))
 
 
-def _tracker_or_warning(cfg: RunConfig, open_tracker: Callable[[], MlflowTracker]) -> NullTracker:
+def child_tracker(cfg: RunConfig, parent_run_id: str | None, key_tag: tuple[str, str], run_name: str,
+                  tags: dict[str, str]) -> Tracker:
+    """A child run of `parent_run_id` identified by the tag `key_tag` (e.g. a sweep trial's id): the
+    run that tag already names, reopened (a trial restarted by PBT or by a resumed sweep), else a new
+    one. No parent (the sweep is untracked): no tracking."""
+    if parent_run_id is None:
+        return Tracker()
+
+    def find_or_start() -> MlflowTracker:
+        client, experiment_id = open_store(tracking_uri(cfg), cfg.tracking.experiment, cfg.output_dir / "mlartifacts")
+        key, value = key_tag
+        found = client.search_runs([experiment_id], filter_string=f"tags.`{key}` = '{value}'", max_results=1)
+        if found:
+            return _reopen(cfg, found[0].info.run_id)
+        return MlflowTracker.start(cfg, run_name, parent_run_id, tags | {key: value})
+
+    return _tracker_or_warning(cfg, find_or_start)
+
+
+def _reopen(cfg: RunConfig, run_id: str) -> MlflowTracker:
+    uri = tracking_uri(cfg)
+    client, _ = open_store(uri, cfg.tracking.experiment, cfg.output_dir / "mlartifacts")
+    try:
+        client.update_run(run_id, status="RUNNING")
+    except Exception as error:  # MlflowException: no such run in this store
+        raise ConfigError(f"MLflow run {run_id} is not in {uri} ({error_summary(error)}); was the store moved "
+                          "or deleted? Set tracking.required=false to go on without tracking") from None
+    return MlflowTracker(uri, run_id)
+
+
+def _tracker_or_warning(cfg: RunConfig, open_tracker: Callable[[], MlflowTracker]) -> Tracker:
+    """`tracking.enabled` and `tracking.required`, applied here for every tracker a run or sweep opens."""
     if not cfg.tracking.enabled:
-        return NullTracker()
+        return Tracker()
     try:
         return open_tracker()
-    except ConfigError as error:
+    except Exception as error:  # ConfigError from open_store, or the store failing on a later call
         if cfg.tracking.required:
             raise
-        print(f"warning: continuing WITHOUT tracking: {error}")
-        return NullTracker()
+        reason = error if isinstance(error, ConfigError) else error_summary(error)
+        print(f"warning: continuing WITHOUT tracking: {reason}")
+        return Tracker()
+
+
+def history_metrics(entry: dict[str, Any]) -> dict[str, float]:
+    """One history entry as flat metrics: accuracy, learning rate, loss terms, synthesis loss terms."""
+    metrics = {k: v for k, v in entry.items() if k not in ("epoch", "synthesis_loss")}
+    return metrics | {f"synthesis_{k}": v for k, v in entry["synthesis_loss"].items()}
+
+
+def log_history(tracker: Tracker, history: list[dict[str, Any]]) -> None:
+    """Log evaluations made before this process took over (a resumed run's earlier epochs)."""
+    for entry in history:
+        tracker.log_epoch(entry["epoch"], history_metrics(entry))
+
+
+def epoch_metrics(entry: dict[str, Any], tally: SynthesisTally) -> dict[str, float]:
+    """What a tracker logs per evaluation: `history_metrics` plus images/pixels synthesised per resolution
+    and the generation throughput (images per second of synthesis time)."""
+    metrics = history_metrics(entry)
+    metrics |= {f"images_{r}px": n for r, n in tally.images.items()}
+    metrics |= {f"pixels_{r}px": n for r, n in tally.pixels.items()}
+    metrics["synthesis_s"] = tally.seconds
+    if tally.seconds > 0:
+        metrics["synthesis_images_per_s"] = sum(tally.images.values()) / tally.seconds
+    return metrics
+
+
+def finish_tracking(tracker: Tracker, cfg: RunConfig, summary: dict[str, Any], step: int) -> None:
+    """Close a run's MLflow run: any evaluated epoch it lacks, final and best accuracy, the accuracy
+    curve, and the output files."""
+    from muse.outputs import OUTPUT_FILES
+
+    tracker.log_missing_epochs({h["epoch"]: history_metrics(h) for h in summary["history"]}, key="student_acc")
+    tracker.log_epoch(step, {"final_student_acc": summary["student_acc"], "best_student_acc": summary["best_acc"],
+                             "teacher_acc": summary["teacher_acc"], "wall_s": summary["wall_s"]})
+    tracker.log_accuracy_curves({"student": summary["history"]}, summary["teacher_acc"],
+                                f"{cfg.method} on {cfg.data.name}")
+    tracker.finish([cfg.output_dir / name for name in OUTPUT_FILES])

@@ -1,12 +1,11 @@
-"""Differentiable batch transforms shared by synthesis (inside the generator loop) and distillation:
-random translation (a crop with zero padding) and optional horizontal flip, per sample."""
+"""Batch transforms shared by the data pipeline, synthesis (inside the generator loop) and distillation:
+random translation (a crop with zero padding) and optional horizontal flip, per sample; the one bilinear
+resize; and the mapping of [0,1] images to a network's input."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-
-FLIP_SAFE = {"cifar10": True, "imagefolder": True, "digits": False, "mnist": False}
 
 
 def random_shift_flip(images: torch.Tensor, max_shift: float = 0.125, flip: bool = True,
@@ -30,12 +29,17 @@ def random_shift_flip(images: torch.Tensor, max_shift: float = 0.125, flip: bool
 
 
 def resize(images: torch.Tensor, resolution: int) -> torch.Tensor:
-    """Bilinear resize to a square `resolution` (antialiased when shrinking); a no-op when equal."""
-    if images.shape[-1] == resolution and images.shape[-2] == resolution:
+    """Bilinear resize of [B,C,H,W] to a square `resolution` (`align_corners=False`, antialiased when
+    shrinking); a no-op when already that size. Float images are resized in their own dtype (gradients
+    flow); other dtypes in float32 and cast back, uint8 rounded and clamped to 0..255."""
+    if images.shape[-2:] == (resolution, resolution):
         return images
-    shrink = images.shape[-1] > resolution
-    return F.interpolate(images, size=(resolution, resolution), mode="bilinear", align_corners=False,
-                         antialias=shrink)
+    shrinking = resolution < max(images.shape[-2:])
+    out = F.interpolate(images if images.is_floating_point() else images.float(), size=(resolution, resolution),
+                        mode="bilinear", align_corners=False, antialias=shrinking)
+    if images.dtype == torch.uint8:
+        return out.round_().clamp_(0, 255).to(torch.uint8)
+    return out.to(images.dtype)
 
 
 def model_input(images01: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,

@@ -66,7 +66,6 @@ class GenerationFeed:
         self.wait_s = 0.0  # time blocked in ray.wait: the feed's overhead as seen by the trainer
         self.actor_failures = 0
         self.last_error: BaseException | None = None
-        self.last_info: dict[str, Any] = {}
 
     @property
     def in_flight(self) -> int:
@@ -121,8 +120,6 @@ class GenerationFeed:
             if replace:
                 self._fill(new_calls=True)
             self.records += 1
-            self.last_info = {key: payload.get(key) for key in ("actor", "epoch", "episode", "adversarial",
-                                                                "actor_step")}
             return record_from_dict(payload, copy=self.copy_arrays)
 
     def close(self, grace_s: float = 5.0) -> None:

@@ -23,7 +23,7 @@ from ray.exceptions import ObjectLostError, RayActorError
 from muse.config import RunConfig
 from muse.data import DatasetInfo, load_dataset
 from muse.embeddings import label_embeddings
-from muse.engine import resolve_device, seed_everything
+from muse.runtime import resolve_device, seed_everything
 from muse.schedules import ResolutionSchedule
 from muse.student import StudentNet
 from muse.synthesis import Synthesizer

@@ -38,14 +38,14 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTra
 from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
 
-from muse.cli import add_tracking_flags, tracking_overrides
+from muse.commandline import add_tracking_flags, tracking_overrides
 from muse.config import ConfigError, RunConfig, with_overrides
 from muse.data import DatasetError, load_dataset
-from muse.engine import resolve_device
 from muse.io import atomic_write
+from muse.runtime import resolve_device
 from muse.teacher import ensure_teacher
-from muse.tracking import PARENT_RUN_TAG, MlflowTracker, NullTracker, create_tracker, reopen_tracker
-from orchestration.run import connect
+from muse.tracking import Tracker, create_tracker, reopen_tracker
+from orchestration.runner import connect
 from sweeps.spec import SweepSpec, load_sweep
 from sweeps.trial import run_trial
 
@@ -144,7 +144,7 @@ def run_sweep(spec: SweepSpec, base: RunConfig, resume: bool = False) -> SweepOu
               else create_tracker(parent_cfg, run_name=spec.name, tags={"muse.sweep": spec.name}))
     rows: list[TrialRow] = []
     try:
-        if isinstance(parent, MlflowTracker) and not resume:
+        if not resume:
             parent.log_params(_sweep_params(spec, concurrency))
         _write_state(root, parent.run_id, spec, base)
         payload = {"base": base.model_dump(mode="json"), "root": str(root), "metric": spec.metric, "name": spec.name,
@@ -395,39 +395,22 @@ def _sweep_params(spec: SweepSpec, concurrency: int) -> dict[str, Any]:
     return params | {f"space.{k}": json.dumps(d.model_dump(exclude_none=True)) for k, d in spec.space.items()}
 
 
-def _close_trial_runs(parent: NullTracker, rows: list[TrialRow]) -> None:
+def _close_trial_runs(parent: Tracker, rows: list[TrialRow]) -> None:
     """End the child runs still RUNNING: KILLED for trials the scheduler stopped (their process was
     ended), FAILED for trials that raised, and for every trial of a sweep that failed (no rows)."""
-    if not isinstance(parent, MlflowTracker):
-        return
-    try:
-        run = parent.client.get_run(parent.run_id)
-        children = parent.client.search_runs([run.info.experiment_id],
-                                             filter_string=f"tags.`{PARENT_RUN_TAG}` = '{parent.run_id}'")
-        failed = {r.trial for r in rows if r.status == "error"}
-        for child in children:
-            if child.info.status == "RUNNING":
-                status = "FAILED" if not rows or child.info.run_name in failed else "KILLED"
-                parent.client.set_terminated(child.info.run_id, status=status)
-    except Exception as error:  # the store is gone: nothing more to close, and the sweep's own error matters more
-        print(f"warning: could not close the trials' MLflow runs: {type(error).__name__}: {error}", file=sys.stderr)
+    failed = {r.trial for r in rows if r.status == "error"}
+    parent.end_open_children(lambda name: "FAILED" if not rows or name in failed else "KILLED")
 
 
-def _finish_parent(parent: NullTracker, spec: SweepSpec, rows: list[TrialRow], best: TrialRow | None, root: Path,
+def _finish_parent(parent: Tracker, spec: SweepSpec, rows: list[TrialRow], best: TrialRow | None, root: Path,
                    best_config: Path | None) -> None:
-    if not isinstance(parent, MlflowTracker):
-        return
-    from muse.visuals import accuracy_curves
-
     if best is not None:
         parent.log_epoch(0, {f"best_final_{spec.metric}": best.final, "trials": len(rows),
                              "trials_done": sum(r.status == "done" for r in rows)})
         parent.set_tags({"best_trial": best.trial})
     curves = {f"{r.trial}: " + ", ".join(f"{k}={_short(v)}" for k, v in r.params.items()): r.history
               for r in rows if r.history}
-    if curves:
-        parent.client.log_figure(parent.run_id, accuracy_curves(curves, None, f"sweep {spec.name}", key=spec.metric),
-                                 "trials_accuracy.png")
+    parent.log_accuracy_curves(curves, None, f"sweep {spec.name}", artifact="trials_accuracy.png", key=spec.metric)
     spec_file = root / "sweep.yaml"
     atomic_write(spec_file, lambda tmp: tmp.write_text(yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False)))
     parent.finish([root / "results.csv", spec_file, *([best_config] if best_config else [])])

@@ -20,11 +20,10 @@ import ray.train
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
+from muse.checkpoint import latest_checkpoint, read_saved_run
 from muse.config import ConfigError, RunConfig, validate_config, with_overrides
-from muse.engine import finish_tracking
-from muse.tracking import NullTracker, create_tracker, open_store, reopen_tracker, tracking_uri
-from orchestration.run import latest_checkpoint, run, summarize
-from orchestration.train_loop import read_state
+from muse.tracking import Tracker, child_tracker, finish_tracking
+from orchestration.runner import run, summarize
 
 TRIAL_TAG = "muse.trial_id"
 SEGMENT_LOG = "segments.jsonl"  # one line per Train run of a trial: where it started and from what
@@ -66,12 +65,12 @@ def run_trial(params: dict[str, Any], sweep: dict[str, Any]) -> None:
     tune.report(_result(summary, metric), checkpoint=checkpoint)
 
 
-def _train_to_the_end(cfg: RunConfig, params: dict[str, Any], trial_root: Path, tracker: NullTracker,
+def _train_to_the_end(cfg: RunConfig, params: dict[str, Any], trial_root: Path, tracker: Tracker,
                       metric: str) -> tuple[RunConfig, dict[str, Any]]:
     """One Train run to the last epoch, reporting each evaluation to Tune; it continues from the newest
     checkpoint of the trial's earlier segments when a resumed sweep restarts the trial."""
     checkpoint = _latest_trial_checkpoint(trial_root)
-    epoch = read_state(checkpoint)["epoch"] if checkpoint else 0
+    epoch = _epoch_of(checkpoint)
     _log_segment(trial_root, tracker, cfg, params, start_epoch=epoch, resumed_from=checkpoint.path if checkpoint else None)
     if epoch >= cfg.total_epochs:  # interrupted after its last checkpoint, before its last report
         return cfg, summarize(cfg, checkpoint, wall_s=0.0)
@@ -83,17 +82,25 @@ def _latest_trial_checkpoint(trial_root: Path) -> ray.train.Checkpoint | None:
     """The newest checkpoint of the trial's newest segment that has one (None for a new trial)."""
     for segment in sorted(trial_root.glob("segment-*"), reverse=True):
         try:
-            return latest_checkpoint(segment)
+            return ray.train.Checkpoint.from_directory(str(latest_checkpoint(segment)))
         except ConfigError:  # stopped before its first checkpoint
             continue
     return None
 
 
-def _train_in_segments(cfg: RunConfig, params: dict[str, Any], trial_root: Path, tracker: NullTracker,
+def _epoch_of(checkpoint: ray.train.Checkpoint | None) -> int:
+    """The epoch a run continues at from `checkpoint` (0 without one)."""
+    if checkpoint is None:
+        return 0
+    with checkpoint.as_directory() as directory:
+        return read_saved_run(Path(directory)).epoch
+
+
+def _train_in_segments(cfg: RunConfig, params: dict[str, Any], trial_root: Path, tracker: Tracker,
                        metric: str, interval: int) -> tuple[RunConfig, dict[str, Any]]:
     """Train to the end in segments, reporting each but the last to Tune with its checkpoint."""
     checkpoint = tune.get_checkpoint()  # the donor's after an exploit, else None
-    epoch = read_state(checkpoint)["epoch"] if checkpoint else 0
+    epoch = _epoch_of(checkpoint)
     total = cfg.total_epochs
     resumed_from = checkpoint.path if checkpoint else None
     if epoch >= total:  # cloned a donor that had already finished: its outputs are this trial's
@@ -127,7 +134,7 @@ def next_segment(trial_root: Path) -> Path:
     return trial_root / f"segment-{len(list(trial_root.glob('segment-*'))):02d}"
 
 
-def _log_segment(trial_root: Path, tracker: NullTracker, cfg: RunConfig, params: dict[str, Any],
+def _log_segment(trial_root: Path, tracker: Tracker, cfg: RunConfig, params: dict[str, Any],
                  start_epoch: int, resumed_from: str | None) -> None:
     entry = {"segment": cfg.output_dir.name, "start_epoch": start_epoch, "resumed_from": resumed_from,
              "params": params}
@@ -138,19 +145,7 @@ def _log_segment(trial_root: Path, tracker: NullTracker, cfg: RunConfig, params:
 
 
 def trial_tracker(cfg: RunConfig, trial_id: str, trial_name: str, parent_run_id: str | None,
-                  sweep_name: str) -> NullTracker:
+                  sweep_name: str) -> Tracker:
     """The trial's MLflow child run: found again by its trial id when PBT restarts the trial, else new."""
-    if not cfg.tracking.enabled or parent_run_id is None:
-        return NullTracker()
-    try:
-        client, experiment_id = open_store(tracking_uri(cfg), cfg.tracking.experiment, cfg.output_dir / "mlartifacts")
-        found = client.search_runs([experiment_id], filter_string=f"tags.`{TRIAL_TAG}` = '{trial_id}'", max_results=1)
-    except Exception as error:
-        if cfg.tracking.required:
-            raise
-        print(f"warning: trial {trial_name} continues WITHOUT tracking: {error}")
-        return NullTracker()
-    if found:  # PBT restarted the trial, or a resumed sweep did (which had ended its run as KILLED)
-        return reopen_tracker(cfg, found[0].info.run_id)
-    return create_tracker(cfg, run_name=trial_name, parent_run_id=parent_run_id,
-                          tags={TRIAL_TAG: trial_id, "muse.sweep": sweep_name})
+    return child_tracker(cfg, parent_run_id, (TRIAL_TAG, trial_id), run_name=trial_name,
+                         tags={"muse.sweep": sweep_name})

@@ -8,10 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from muse import data as muse_data
-from muse.config import DataConfig
+from muse.config import ConfigError, DataConfig, load_config
 from muse.data import (
     DatasetError,
     ImageSplits,
@@ -20,6 +21,8 @@ from muse.data import (
     load_dataset,
     normalize,
 )
+from muse.datasets import DatasetSpec, dataset_names, get_dataset
+from muse.transforms import resize
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -82,8 +85,36 @@ def test_digits_constants_match_the_train_split() -> None:
     x_train, _, _, _ = train_test_split(
         bunch.images / 16.0, bunch.target, test_size=0.2, stratify=bunch.target, random_state=0
     )
-    assert muse_data.DIGITS_MEAN[0] == pytest.approx(x_train.mean(), abs=1e-9)
-    assert muse_data.DIGITS_STD[0] == pytest.approx(x_train.std(), abs=1e-9)
+    spec = get_dataset("digits")
+    assert spec.mean[0] == pytest.approx(x_train.mean(), abs=1e-9)
+    assert spec.std[0] == pytest.approx(x_train.std(), abs=1e-9)
+
+
+def test_loaded_digits_follow_the_registry(digits: ImageSplits) -> None:
+    spec, info = get_dataset("digits"), digits.info
+    assert (info.mean, info.std, info.in_chans) == (spec.mean, spec.std, spec.channels)
+    assert (info.num_classes, info.resolution) == (spec.num_classes, spec.native_resolution)
+    # What the split yields is normalised with exactly these constants.
+    raw = digits.test.images[:4]
+    stacked = torch.stack([digits.test[i][0] for i in range(4)])
+    expected = (raw - torch.tensor(spec.mean).view(1, -1, 1, 1)) / torch.tensor(spec.std).view(1, -1, 1, 1)
+    assert torch.allclose(stacked, expected, atol=1e-6)
+
+
+def test_unknown_dataset_is_a_clear_error_listing_the_registered_ones() -> None:
+    listed = ", ".join(dataset_names())
+    assert {"digits", "mnist", "cifar10", "imagefolder"} <= set(dataset_names())
+    with pytest.raises(ConfigError, match=f"data.name: unknown dataset 'svhn': choose one of {listed}"):
+        load_config("digits", ["data.name=svhn"])
+    with pytest.raises(ConfigError, match="data.name: unknown dataset 'svhn'"):
+        load_config("digits", ["method=nayer", "data.name=svhn"])  # the preset needs its native resolution
+    with pytest.raises(DatasetError, match=f"data.name: unknown dataset 'svhn': choose one of {listed}"):
+        load_dataset(DataConfig.model_construct(name="svhn", root=None, resolution=None, eval_batch_size=8))
+
+
+def test_a_dataset_spec_needs_one_mean_and_std_per_channel() -> None:
+    with pytest.raises(ValueError, match="one value per channel"):
+        DatasetSpec("rgb", 10, 3, 32, mean=(0.5,), std=(0.5,), flip_safe=True)
 
 
 def test_normalisation_round_trip(digits: ImageSplits) -> None:
@@ -122,6 +153,19 @@ def test_lazy_resize_matches_precomputed(monkeypatch: pytest.MonkeyPatch) -> Non
     assert eager.images.shape == (6, 1, 32, 32) and lazy.images.shape == (6, 1, 28, 28)
     for i in range(6):
         assert torch.equal(eager[i][0], lazy[i][0]) and eager[i][1] == lazy[i][1] == i
+
+
+def test_one_resize_serves_stored_images_and_network_inputs() -> None:
+    images = torch.randint(0, 256, (2, 1, 28, 28), dtype=torch.uint8)
+    up = resize(images, 32)  # stored uint8 images stay uint8, rounded
+    assert up.dtype == torch.uint8
+    assert torch.equal(up, resize(images.float(), 32).round().clamp(0, 255).to(torch.uint8))
+    floats = torch.rand(2, 3, 32, 32, requires_grad=True)
+    down = resize(floats, 16)  # antialiased when shrinking, differentiable
+    expected = F.interpolate(floats, size=(16, 16), mode="bilinear", align_corners=False, antialias=True)
+    assert torch.allclose(down, expected)
+    down.sum().backward()
+    assert floats.grad is not None and resize(floats, 32) is floats
 
 
 def test_evaluate_loader_is_ordered_and_complete(digits: ImageSplits) -> None:
@@ -218,7 +262,7 @@ def test_imagefolder(tmp_path: Path) -> None:
     splits = load_dataset(DataConfig(name="imagefolder", root=tmp_path, resolution=24))
     info = splits.info
     assert info.class_names == ("cat", "dog") and info.num_classes == 2 and info.in_chans == 3
-    assert info.resolution == 24 and info.mean == muse_data.IMAGENET_MEAN
+    assert info.resolution == 24 and info.mean == get_dataset("imagefolder").mean
     assert (len(splits.train), len(splits.test)) == (4, 4)
     images, labels = next(iter(evaluate_loader(splits.test, 8)))
     assert images.shape == (4, 3, 24, 24) and labels.tolist() == [0, 0, 1, 1]

@@ -221,7 +221,7 @@ def test_an_interrupted_sweep_continues_with_resume(head, tmp_path, teacher_dir,
     sweep.write_text(yaml.safe_dump({
         "config": "digits", "output_dir": str(root), "search": {"algorithm": "grid"},
         "overrides": [*FAST_DIGITS, "tracking.enabled=true", "distill.epochs=4", "distill.kd_steps=10",
-                      "ray.train.checkpoint_every=1",
+                      "checkpoint_every=1",
                       f"teacher.checkpoint={teacher.teacher_checkpoint}", "ray.generators.num_cpus=0.45",
                       "ray.train.cpus_per_worker=0.45"],
         "space": {"loss.kr": {"grid": [0.0, 1.0]}}, "max_concurrent_trials": 1}))  # one trial after the other

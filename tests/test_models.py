@@ -7,6 +7,7 @@ import pytest
 import timm
 import torch
 
+from muse.datasets import get_dataset
 from muse.models import (
     MODEL_NAMES,
     class_activation_map,
@@ -55,6 +56,15 @@ def test_model_contract(name: str) -> None:
         model.reset_classifier(3)
         assert model.num_classes == 3 and model.get_classifier().out_features == 3
         assert model(torch.randn(2, in_chans, native, native)).shape == (2, 3)
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_default_cfg_follows_the_dataset_registry(name: str) -> None:
+    cfg = timm.get_pretrained_cfg(name)
+    spec = get_dataset(cfg.tag)  # registered as <arch>.<dataset>
+    assert (cfg.mean, cfg.std, cfg.num_classes) == (spec.mean, spec.std, spec.num_classes)
+    assert cfg.input_size == (spec.channels, spec.native_resolution, spec.native_resolution)
+    assert timm.create_model(name).pretrained_cfg["mean"] == spec.mean
 
 
 @pytest.mark.parametrize("name", ["resnet18", "resnet50"])

@@ -35,8 +35,14 @@ def test_pool_keeps_at_most_capacity_dropping_the_oldest():
 
 def test_a_record_larger_than_the_pool_keeps_its_newest_rows():
     pool = SyntheticPool(capacity=3)
-    pool.add(record(0, n=5))
-    assert len(pool) == 3
+    big = record(4, n=5, classes=5)  # labels 0..4: one per row
+    pool.add(big)
+    assert len(pool) == 3 and len(pool.records) == 1
+    kept = pool.records[0]
+    np.testing.assert_array_equal(kept.labels, [2, 3, 4])
+    np.testing.assert_array_equal(kept.images, big.images[2:])
+    np.testing.assert_array_equal(kept.teacher_logits, big.teacher_logits[2:])
+    assert (kept.step, kept.student_version, kept.resolution) == (4, 40, 8)
 
 
 def test_sample_draws_one_resolution_at_a_time():

@@ -10,14 +10,16 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 import ray
+import ray.train
 import timm
 import torch
 
 from muse.config import ConfigError
 from muse.evaluate import accuracy
 from muse.teacher import ensure_teacher
-from orchestration.run import latest_checkpoint, main, run
-from orchestration.train_loop import STATE_FILE
+from muse.checkpoint import STATE_FILE, latest_checkpoint
+from orchestration.run import main
+from orchestration.runner import run
 
 from conftest import fast_digits_config, train_ready_cluster
 
@@ -50,9 +52,9 @@ def runs(cluster, tmp_path_factory, teacher_dir, digits_splits):
     def staged_then_resumed():
         stopped = run(staged, None, stop_after_epoch=STOP_AFTER)
         checkpoint = latest_checkpoint(staged.output_dir)
-        stop_files = {p.name for p in Path(checkpoint.path).iterdir()}
-        shards = sorted(p.name for p in (Path(checkpoint.path) / "pool-rank0").glob("*.parquet"))
-        return stopped, stop_files, shards, run(staged, checkpoint)
+        stop_files = {p.name for p in checkpoint.iterdir()}
+        shards = sorted(p.name for p in (checkpoint / "pool-rank0").glob("*.parquet"))
+        return stopped, stop_files, shards, run(staged, ray.train.Checkpoint.from_directory(str(checkpoint)))
 
     with ThreadPoolExecutor(max_workers=2) as pool:
         staged_future = pool.submit(staged_then_resumed)
@@ -126,4 +128,4 @@ def test_a_fresh_run_into_a_used_output_dir_is_refused(runs):
 def test_resume_of_a_folder_without_checkpoints_exits_2(tmp_path, capsys):
     assert main(["--resume", str(tmp_path)]) == 2
     err = capsys.readouterr().err
-    assert f"--resume {str(tmp_path)!r}: no checkpoint_*/{STATE_FILE} there that Ray Train committed" in err
+    assert f"--resume {str(tmp_path)!r}: no committed checkpoint_*/{STATE_FILE} there" in err

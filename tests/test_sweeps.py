@@ -144,6 +144,7 @@ def asha_sweep(cluster, tmp_path_factory, teacher_dir):
     return spec, base, outcome
 
 
+@pytest.mark.slow
 def test_asha_optuna_sweep_logs_parent_and_child_runs(asha_sweep):
     spec, base, outcome = asha_sweep
     client = MlflowClient(f"sqlite:///{outcome.directory / 'mlflow.db'}")
@@ -177,6 +178,7 @@ def test_asha_optuna_sweep_logs_parent_and_child_runs(asha_sweep):
             assert {"summary.json", "student.pt", "config.yaml", "accuracy_curve.png"} <= files
 
 
+@pytest.mark.slow
 def test_sweep_writes_a_runnable_best_config_and_a_table(asha_sweep):
     spec, base, outcome = asha_sweep
     assert len(outcome.rows) == 2 and outcome.best is not None
@@ -191,6 +193,7 @@ def test_sweep_writes_a_runnable_best_config_and_a_table(asha_sweep):
     assert (outcome.directory / "results.csv").read_text().count("\n") == 3
 
 
+@pytest.mark.slow
 def test_generator_actors_ran_in_the_trial_placement_groups(asha_sweep):
     spec, base, _ = asha_sweep
     _, trial_bundles = trial_resources(spec, base)
@@ -220,6 +223,7 @@ def pbt_sweep(cluster, tmp_path_factory, teacher_dir):
     return spec, run_sweep(spec, base)
 
 
+@pytest.mark.slow
 def test_pbt_mutates_the_schedule_and_continues_from_the_donor_checkpoint(pbt_sweep):
     spec, outcome = pbt_sweep
     trials = outcome.directory / "trials"

@@ -30,10 +30,19 @@ def test_trained_teacher_round_trips_with_its_metadata(trained, digits_splits):
 
 
 def test_a_plain_state_dict_from_a_user_loads(tmp_path, digits_splits):
-    model = timm.create_model("digits_cnn", num_classes=10, in_chans=1)
+    torch.manual_seed(1)
+    model = timm.create_model("digits_cnn", num_classes=10, in_chans=1).eval()
     torch.save(model.state_dict(), tmp_path / "user.pt")
     loaded, meta = load_teacher(tmp_path / "user.pt", "digits_cnn", digits_splits.info)
-    assert meta["arch"] == "digits_cnn"
+    x = torch.randn(4, 1, 16, 16)
+    assert torch.equal(loaded(x), model(x))  # the file's weights, not a fresh initialisation
+    assert "dataset" not in meta and "test_acc" not in meta  # a bare state dict claims nothing more
+
+
+def test_a_state_dict_of_another_architecture_is_refused(tmp_path, digits_splits):
+    torch.save(timm.create_model("digits_cnn_half", num_classes=10).state_dict(), tmp_path / "half.pt")
+    with pytest.raises(ConfigError, match="does not match architecture 'digits_cnn'"):
+        load_teacher(tmp_path / "half.pt", "digits_cnn", digits_splits.info)
 
 
 def test_missing_teacher_says_how_to_get_one(tmp_path, digits_splits):
@@ -62,3 +71,6 @@ def test_class_count_and_architecture_mismatches_are_named(trained, tmp_path, di
         load_teacher(tmp_path / "k7.pt", "digits_cnn", digits_splits.info)
     with pytest.raises(ConfigError, match="architecture is 'digits_cnn' but teacher.arch is 'lenet5'"):
         load_teacher(cfg.teacher_checkpoint, "lenet5", digits_splits.info)
+    save_teacher(tmp_path / "mnist.pt", model, {**meta, "dataset": "mnist"})  # read from the file's metadata
+    with pytest.raises(ConfigError, match="it was trained on 'mnist', not 'digits'"):
+        load_teacher(tmp_path / "mnist.pt", "digits_cnn", digits_splits.info)

@@ -13,7 +13,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from muse.config import ConfigError
-from muse.engine import finish_tracking, run_distillation
+from muse.engine import run_distillation
+from muse.tracking import finish_tracking
 from muse.tracking import MlflowTracker, create_tracker
 
 from conftest import fast_digits_config
@@ -139,6 +140,7 @@ def mlflow_server(tmp_path):
         server.wait(timeout=30)
 
 
+@pytest.mark.slow
 def test_a_run_logs_to_an_mlflow_server_over_http(mlflow_server, tmp_path, teacher_dir, digits_splits):
     uri, artifact_root = mlflow_server
     cfg = fast_digits_config(tmp_path / "run", teacher_dir, "tracking.enabled=true", f"tracking.uri={uri}",

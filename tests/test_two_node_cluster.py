@@ -14,7 +14,7 @@ from ray.cluster_utils import Cluster
 from ray.util.state import list_actors
 
 from muse.teacher import ensure_teacher
-from orchestration.run import run
+from orchestration.runner import run
 
 from conftest import fast_digits_config
 

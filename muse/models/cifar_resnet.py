@@ -10,12 +10,10 @@ import torch
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from torch import nn
 
+from muse.models.defaults import dataset_cfg
 from muse.models.head import PooledLinearClassifier, init_weights
 
 __all__ = ["CifarResNet", "BasicBlock", "cifar_cfg"]  # register_model appends each entrypoint
-
-CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
-CIFAR_STD = (0.2023, 0.1994, 0.2010)  # the values the CMI/Fast/NAYER code bases normalise with
 
 
 class BasicBlock(nn.Module):
@@ -80,25 +78,15 @@ class CifarResNet(PooledLinearClassifier):
 
 
 def cifar_cfg(**kwargs: Any) -> dict[str, Any]:
-    """timm pretrained cfg for a 32×32 CIFAR model with a `conv1` stem and an `fc` classifier; pass at
-    least `pool_size`, the feature map size at 32×32."""
-    return {
-        "url": "",
-        "num_classes": 10,
-        "input_size": (3, 32, 32),
-        "crop_pct": 1.0,
-        "interpolation": "bilinear",
-        "mean": CIFAR_MEAN,
-        "std": CIFAR_STD,
-        "first_conv": "conv1",
-        "classifier": "fc",
-        **kwargs,
-    }
+    """timm pretrained cfg for a CIFAR-10 model with a `conv1` stem and an `fc` classifier (input size,
+    classes and mean/std from the dataset registry); register it under `<arch>.cifar10` and pass at least
+    `pool_size`, the feature map size at 32×32."""
+    return dataset_cfg("cifar10", first_conv="conv1", **kwargs)
 
 
 default_cfgs = generate_default_cfgs({
-    "cifar_resnet18": cifar_cfg(pool_size=(4, 4)),
-    "cifar_resnet34": cifar_cfg(pool_size=(4, 4)),
+    "cifar_resnet18.cifar10": cifar_cfg(pool_size=(4, 4)),
+    "cifar_resnet34.cifar10": cifar_cfg(pool_size=(4, 4)),
 })
 
 

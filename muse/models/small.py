@@ -12,14 +12,10 @@ from timm.layers import SelectAdaptivePool2d, get_device_dtype
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from torch import nn
 
+from muse.models.defaults import dataset_cfg
 from muse.models.head import Classifier, PooledLinearClassifier, init_weights
 
 __all__ = ["DigitsCNN", "LeNet5"]  # register_model appends each entrypoint
-
-DIGITS_MEAN = (0.3053,)  # scikit-learn digits scaled to [0, 1], upsampled bilinearly to 16×16
-DIGITS_STD = (0.3189,)
-MNIST_MEAN = (0.1307,)
-MNIST_STD = (0.3081,)
 
 
 def _conv_bn_relu(in_chs: int, out_chs: int, kernel_size: int = 3, stride: int = 1) -> nn.Sequential:
@@ -113,25 +109,12 @@ class LeNet5(Classifier):
         return x if pre_logits else self.fc2(x)
 
 
-def _cfg(**kwargs: Any) -> dict[str, Any]:
-    return {
-        "url": "",
-        "num_classes": 10,
-        "crop_pct": 1.0,
-        "interpolation": "bilinear",
-        "first_conv": "features.0.0",
-        "classifier": "fc",
-        **kwargs,
-    }
-
-
+# Input size (at the native resolution), class count and mean/std come from the dataset registry.
 default_cfgs = generate_default_cfgs({
-    "digits_cnn": _cfg(input_size=(1, 16, 16), pool_size=(8, 8), mean=DIGITS_MEAN, std=DIGITS_STD),
-    "digits_cnn_half": _cfg(input_size=(1, 16, 16), pool_size=(8, 8), mean=DIGITS_MEAN, std=DIGITS_STD),
-    "lenet5": _cfg(input_size=(1, 32, 32), pool_size=(8, 8), mean=MNIST_MEAN, std=MNIST_STD, classifier="fc2"),
-    "lenet5_half": _cfg(
-        input_size=(1, 32, 32), pool_size=(8, 8), mean=MNIST_MEAN, std=MNIST_STD, classifier="fc2"
-    ),
+    "digits_cnn.digits": dataset_cfg("digits", pool_size=(8, 8), first_conv="features.0.0"),
+    "digits_cnn_half.digits": dataset_cfg("digits", pool_size=(8, 8), first_conv="features.0.0"),
+    "lenet5.mnist": dataset_cfg("mnist", pool_size=(8, 8), first_conv="features.0.0", classifier="fc2"),
+    "lenet5_half.mnist": dataset_cfg("mnist", pool_size=(8, 8), first_conv="features.0.0", classifier="fc2"),
 })
 
 

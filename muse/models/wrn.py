@@ -82,8 +82,8 @@ class WideResNet(PooledLinearClassifier):
 
 
 default_cfgs = generate_default_cfgs({
-    "wrn16_2": cifar_cfg(pool_size=(8, 8)),
-    "wrn40_2": cifar_cfg(pool_size=(8, 8)),
+    "wrn16_2.cifar10": cifar_cfg(pool_size=(8, 8)),
+    "wrn40_2.cifar10": cifar_cfg(pool_size=(8, 8)),
 })
 
 

@@ -1,0 +1,67 @@
+"""What every command line shares (`muse distill`, `python orchestration/run.py`, `python sweeps/run.py`):
+the tracking flags, the run-control flags (`--resume`, `--stop-after-epoch`), the config a resumed
+run continues with, and the summary printed at the end."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from muse.checkpoint import latest_checkpoint, read_saved_run
+from muse.config import ConfigError, RunConfig, load_config, parse_overrides, validate_config, with_overrides
+
+
+def add_tracking_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--mlflow-uri", metavar="URI",
+                        help="MLflow tracking server, e.g. http://127.0.0.1:5000 (default: an sqlite store in output_dir)")
+    parser.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
+    parser.add_argument("--tracking-optional", action="store_true",
+                        help="if the MLflow server is unreachable, warn and go on without tracking")
+
+
+def tracking_overrides(args: argparse.Namespace) -> list[str]:
+    """The config overrides the tracking flags stand for (absent flags add nothing)."""
+    overrides = [f"tracking.uri={args.mlflow_uri}"] if getattr(args, "mlflow_uri", None) else []
+    if getattr(args, "no_tracking", False):
+        overrides.append("tracking.enabled=false")
+    if getattr(args, "tracking_optional", False):
+        overrides.append("tracking.required=false")
+    return overrides
+
+
+def add_run_control_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--resume", type=Path, metavar="DIR",
+                        help="continue the run in DIR (its output_dir) from its latest committed checkpoint")
+    parser.add_argument("--stop-after-epoch", type=int, metavar="N",
+                        help="checkpoint and stop after epoch N (0-based, warm-up included): a staged run")
+
+
+def run_config(args: argparse.Namespace, flags: list[str]) -> tuple[RunConfig, Path | None]:
+    """The config to run and, with `--resume DIR`, the checkpoint to continue from. A resumed run keeps
+    its saved config: flags (tracking, placement) still apply, overrides are refused."""
+    if args.resume is None:
+        return load_config(args.config, [*flags, *args.overrides]), None
+    checkpoint = latest_checkpoint(args.resume)
+    if args.overrides:
+        raise ConfigError("--resume continues a run with its saved config; drop the overrides "
+                          f"({' '.join(args.overrides)}) or start a new run")
+    cfg = validate_config(read_saved_run(checkpoint).config)
+    if flags:
+        cfg = with_overrides(cfg, parse_overrides(flags))
+    return cfg, checkpoint
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    images = summary["synthesis"]["images"]
+    rows = [
+        ("method", summary["method"]),
+        ("teacher", f"{summary['teacher']}  top-1 {summary['teacher_acc']:.2f}%"),
+        ("student", f"{summary['student']}  top-1 {summary['student_acc']:.2f}% (final), "
+                    f"{summary['best_acc']:.2f}% (best, epoch {summary['best_epoch']})"
+                    if summary["student_acc"] is not None else f"{summary['student']}  not evaluated yet (warm-up)"),
+        ("synthesised", ", ".join(f"{n} images @{r}px" for r, n in images.items())),
+        ("wall time", f"{summary['wall_s']:.1f} s"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)

@@ -1,0 +1,188 @@
+"""The Ray runner behind `python orchestration/run.py`: connect to (or start) a cluster, start the
+generator actors and the weight store, fit a Ray Train `TorchTrainer` running `train_loop_per_worker`,
+and summarise the run from its final checkpoint. Importing it changes nothing (no environment, no
+sys.path): `orchestration/run.py` is the script that bootstraps and calls `main`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Sequence
+
+import ray
+import ray.train
+import torch
+from ray.train import UserCallback
+from ray.train.torch import TorchTrainer
+
+from muse.checkpoint import read_ranks, read_saved_run, refuse_reused_output_dir
+from muse.commandline import add_run_control_flags, add_tracking_flags, format_summary, run_config, tracking_overrides
+from muse.config import ConfigError, RunConfig
+from muse.data import DatasetError, load_dataset
+from muse.loop import SynthesisTally
+from muse.outputs import build_summary, save_outputs
+from muse.runtime import resolve_device
+from muse.teacher import ensure_teacher
+from muse.tracking import Tracker, create_tracker, finish_tracking, log_history
+from orchestration.generator_actor import create_generator_actors, wait_until_ready
+from orchestration.train_loop import train_loop_per_worker
+from orchestration.weight_store import create_weight_store
+
+USAGE = """Run MUSE on Ray: generator actors feed the object store, Ray Train workers distil the student.
+
+    python orchestration/run.py                                  # embedded default (digits), local Ray
+    python orchestration/run.py --config mnist data.root=../shared/data/mnist --generators 2
+    ray job submit --working-dir . -- python orchestration/run.py --config digits
+    python orchestration/run.py --stop-after-epoch 9             # checkpoint and stop (a staged run)
+    python orchestration/run.py --resume runs/digits              # continue from the latest checkpoint
+
+With RAY_ADDRESS set (as inside `ray job submit`) or `ray.address=...` it joins that cluster;
+otherwise it starts a local one bound to 127.0.0.1 and stops it at the end.
+"""
+
+FLAG_OVERRIDES = {  # command-line flag → config field
+    "generators": "ray.generators.count", "generator_cpus": "ray.generators.num_cpus",
+    "generator_gpus": "ray.generators.num_gpus", "workers": "ray.train.count",
+    "worker_cpus": "ray.train.cpus_per_worker", "in_flight": "ray.feed.in_flight",
+}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=USAGE, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="digits", help="YAML file or shipped config name (default: digits)")
+    parser.add_argument("--generators", type=int, help="GeneratorActors (ray.generators.count)")
+    parser.add_argument("--generator-cpus", type=float, help="CPUs per generator actor (fractions allowed)")
+    parser.add_argument("--generator-gpus", type=float, help="GPUs per generator actor, e.g. 0.25")
+    parser.add_argument("--workers", type=int, help="Ray Train workers (DDP); 0 runs the loop in the driver")
+    parser.add_argument("--worker-cpus", type=float, help="CPUs per Train worker")
+    parser.add_argument("--in-flight", type=int, help="generate() calls each worker keeps in flight")
+    parser.add_argument("--gpu", action="store_true", help="Train workers and generators on GPUs")
+    parser.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local cluster (default: all)")
+    add_run_control_flags(parser)
+    add_tracking_flags(parser)
+    parser.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. loss.kr=2.0")
+    return parser.parse_args(argv)
+
+
+def resolve_config(args: argparse.Namespace) -> tuple[RunConfig, ray.train.Checkpoint | None]:
+    flags = [f"{field}={getattr(args, name)}" for name, field in FLAG_OVERRIDES.items()
+             if getattr(args, name) is not None] + tracking_overrides(args)
+    if args.gpu:
+        flags += ["ray.train.use_gpu=true", "device=cuda"]
+        if args.generator_gpus is None:
+            flags.append("ray.generators.num_gpus=0.25")
+    cfg, checkpoint = run_config(args, flags)
+    return cfg, ray.train.Checkpoint.from_directory(str(checkpoint)) if checkpoint is not None else None
+
+
+def connect(cfg: RunConfig, num_cpus: int | None) -> bool:
+    """Join the cluster named by ray.address or RAY_ADDRESS, else start a local one. True if we started it."""
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    if address and address != "local":
+        try:
+            ray.init(address=address)
+        except ConnectionError as error:
+            raise ConfigError(f"cannot reach the Ray cluster at {address!r} ({error}); start one with "
+                              "`ray start --head`, fix ray.address / RAY_ADDRESS, or unset it to run locally") from None
+        return False
+    # The dashboard serves the state API that Ray Train's placement-group cleaner polls; loopback only.
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
+             _node_ip_address="127.0.0.1")
+    return True
+
+
+def run(cfg: RunConfig, checkpoint: ray.train.Checkpoint | None = None, stop_after_epoch: int | None = None,
+        *, tracker: Tracker | None = None, callbacks: Sequence[UserCallback] = ()) -> dict[str, Any]:
+    """Train the teacher if needed, start the generators and the weight store, fit the TorchTrainer,
+    and write the summary. Ray must be initialised.
+
+    Without `tracker` the run opens its own MLflow run and closes it; a caller that passes one (a sweep
+    trial, which may fit several segments into one run) logs the final files and closes it itself.
+    `callbacks` are Ray Train callbacks (e.g. the Tune report callback of a sweep)."""
+    started = time.perf_counter()
+    cfg = cfg.model_copy(update={"output_dir": cfg.output_dir.resolve()})
+    if checkpoint is None:
+        refuse_reused_output_dir(cfg.output_dir)
+    splits = load_dataset(cfg.data)
+    ensure_teacher(cfg, splits, resolve_device("cpu" if cfg.device == "auto" else cfg.device))
+    owns_tracker = tracker is None
+    if tracker is None:
+        tracker = create_tracker(cfg)  # an unreachable tracking server fails here, before any work
+        if checkpoint is not None:  # a resumed run's MLflow run starts with the epochs before the resume
+            with checkpoint.as_directory() as directory:
+                log_history(tracker, read_saved_run(Path(directory)).history)
+    store_name = f"muse-weights-{uuid.uuid4().hex[:8]}"
+    store = create_weight_store(store_name)
+    g = cfg.ray.generators
+    actors = create_generator_actors(cfg, g.count, g.num_cpus, g.num_gpus, store_name, splits.info,
+                                     resources=g.resources)
+    try:
+        wait_until_ready(actors)
+        t = cfg.ray.train
+        trainer = TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config={"run": cfg.model_dump(mode="json"), "generators": actors,
+                               "weight_store": store_name, "stop_after_epoch": stop_after_epoch,
+                               "resume_from": checkpoint, "tracking": tracker.handle},
+            scaling_config=ray.train.ScalingConfig(
+                num_workers=t.count, use_gpu=t.use_gpu,
+                resources_per_worker={"CPU": t.cpus_per_worker, **t.resources}),
+            run_config=ray.train.RunConfig(name=cfg.output_dir.name, storage_path=str(cfg.output_dir.parent),
+                                           callbacks=list(callbacks),
+                                           logging_config=ray.train.LoggingConfig(log_level=t.log_level)),
+        )
+        result = trainer.fit()
+        if result.error is not None:
+            raise RuntimeError(f"distillation failed: {result.error}") from result.error
+    except BaseException:
+        if owns_tracker:
+            tracker.finish([], status="FAILED")  # whatever stopped the run, its MLflow run says so
+        raise
+    finally:
+        for actor in [*actors, store]:
+            ray.kill(actor)
+    summary = summarize(cfg, result.checkpoint, time.perf_counter() - started)
+    if owns_tracker:
+        finish_tracking(tracker, cfg, summary, step=summary["epochs_done"])
+    return summary
+
+
+def summarize(cfg: RunConfig, checkpoint: ray.train.Checkpoint, wall_s: float) -> dict[str, Any]:
+    """The run's summary, read from the final checkpoint (synthesis counts summed over every rank) and
+    written with the student to output_dir."""
+    with checkpoint.as_directory() as directory:
+        saved, ranks = read_saved_run(Path(directory)), list(read_ranks(Path(directory)).values())
+    summary = build_summary(cfg, teacher_acc=saved.teacher_acc, history=saved.history,
+                            tally=SynthesisTally.total(rank["tally"] for rank in ranks), wall_s=wall_s,
+                            loop_s=max(rank["loop_s"] for rank in ranks), kd_steps=saved.kd_steps,
+                            episodes=sum(rank["episodes"] for rank in ranks), epochs_done=saved.epoch)
+    summary |= {"checkpoint": checkpoint.path, "feed": [rank["source"]["feed"] for rank in ranks],
+                "ray": cfg.ray.model_dump(mode="json")}
+    save_outputs(cfg, summary, saved.student_state)
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    started_cluster = False
+    try:
+        cfg, checkpoint = resolve_config(args)
+        started_cluster = connect(cfg, args.num_cpus)
+        summary = run(cfg, checkpoint, args.stop_after_epoch)
+    except (ConfigError, DatasetError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except Exception as error:  # a failed run says why and exits non-zero
+        print(f"error: the run failed: {type(error).__name__}: {error}", file=sys.stderr)
+        return 1
+    finally:
+        if started_cluster:
+            ray.shutdown()
+    print(format_summary(summary))
+    print(f"summary: {cfg.output_dir.resolve() / 'summary.json'}")
+    return 0

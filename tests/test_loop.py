@@ -1,0 +1,119 @@
+"""One epoch loop for both runners: a staged single-process run (`muse distill --stop-after-epoch`, then
+`--resume`) ends exactly where an uninterrupted one does, and a tiny config run through `muse distill`
+and through the Ray runner (one generator, one Train worker) leaves run states and checkpoints of the
+same kind. The Ray run also loads label embeddings from a relative `file:` path, which its Train worker
+(another working directory) must find."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from muse.checkpoint import LOCAL_POINTER, STATE_FILE, latest_checkpoint, read_ranks, read_saved_run
+from muse.cli import main as muse_main
+from muse.config import load_config
+from muse.models import classifier_weight
+from muse.teacher import ensure_teacher, load_teacher
+
+from conftest import FAST_DIGITS, fast_digits_config, train_ready_cluster
+
+SHORT = ["distill.epochs=3", "distill.kd_steps=10"]  # with FAST_DIGITS' 2 warm-up epochs: 5 epochs
+
+
+def distill(*args: str) -> int:
+    return muse_main(["distill", "--config", "digits", *args])
+
+
+def overrides(output_dir: Path, teacher: Path, *extra: str) -> list[str]:
+    return [*FAST_DIGITS, *SHORT, f"output_dir={output_dir}", f"teacher.checkpoint={teacher}", *extra]
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory, teacher_dir, digits_splits) -> Path:
+    cfg = fast_digits_config(tmp_path_factory.mktemp("loop"), teacher_dir)
+    ensure_teacher(cfg, digits_splits)
+    return cfg.teacher_checkpoint
+
+
+@pytest.fixture(scope="module")
+def local_runs(tmp_path_factory, teacher) -> dict[str, dict]:
+    root = tmp_path_factory.mktemp("local")
+    assert distill(*overrides(root / "whole", teacher)) == 0
+    assert distill(*overrides(root / "staged", teacher), "--stop-after-epoch", "2") == 0
+    stopped = json.loads((root / "staged" / "summary.json").read_text())
+    stop_checkpoint = latest_checkpoint(root / "staged").name
+    assert distill("--resume", str(root / "staged")) == 0
+    return {"root": root, "stopped": stopped, "stop_checkpoint": stop_checkpoint,
+            "whole": json.loads((root / "whole" / "summary.json").read_text()),
+            "resumed": json.loads((root / "staged" / "summary.json").read_text())}
+
+
+def test_stop_after_epoch_checkpoints_and_summarises_the_epochs_done(local_runs):
+    stopped = local_runs["stopped"]
+    assert stopped["epochs_done"] == 3 and local_runs["stop_checkpoint"] == "checkpoint_epoch0003"
+    assert [h["epoch"] for h in stopped["history"]] == [2] and stopped["kd_steps"] == 10
+
+
+def test_a_resumed_run_ends_exactly_as_an_uninterrupted_one(local_runs):
+    whole, resumed = local_runs["whole"], local_runs["resumed"]
+    for key in ("epochs_done", "kd_steps", "synthesis_episodes"):
+        assert resumed[key] == whole[key]
+    assert whole["epochs_done"] == 5 and whole["kd_steps"] == 30 and whole["synthesis_episodes"] == 2 * 3 + 3 * 1
+    assert resumed["synthesis"]["images"] == whole["synthesis"]["images"]
+    assert resumed["synthesis"]["pixels"] == whole["synthesis"]["pixels"]
+    # Every RNG, the pool and the generator are restored: the same student, epoch by epoch.
+    assert [h["student_acc"] for h in resumed["history"]] == [h["student_acc"] for h in whole["history"]]
+    assert [h["loss_kd"] for h in resumed["history"]] == [h["loss_kd"] for h in whole["history"]]
+    # The committed checkpoint moved on and the one it replaced is gone.
+    staged = local_runs["root"] / "staged"
+    assert json.loads((staged / LOCAL_POINTER).read_text())["checkpoint_dir_name"] == "checkpoint_epoch0005"
+    assert sorted(p.name for p in staged.glob("checkpoint_epoch*")) == ["checkpoint_epoch0005"]
+
+
+def test_a_fresh_run_into_a_used_output_dir_is_refused(local_runs, teacher, capsys):
+    assert distill(*overrides(local_runs["root"] / "whole", teacher)) == 2
+    assert "holds an earlier run" in capsys.readouterr().err
+
+
+def test_resume_refuses_overrides(local_runs, capsys):
+    assert distill("--resume", str(local_runs["root"] / "whole"), "loss.kr=2") == 2
+    assert "--resume continues a run with its saved config" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_engine_and_ray_runs_leave_the_same_kind_of_state(teacher, tmp_path, monkeypatch, digits_splits):
+    """The Ray run of the same tiny config has the engine's counters and checkpoint layout."""
+    from orchestration.runner import run
+
+    monkeypatch.chdir(tmp_path)
+    model, _ = load_teacher(teacher, "digits_cnn", digits_splits.info)
+    rows = classifier_weight(model).detach().numpy()
+    np.save(tmp_path / "embeddings.npy", np.flip(rows, axis=1).copy())  # any K×d rows will do
+    ray_overrides = overrides(Path("ray-run"), teacher, "embedding.source=file:embeddings.npy",
+                              "ray.generators.num_cpus=0.5", "ray.train.cpus_per_worker=0.5")
+    local_overrides = overrides(Path("local-run"), teacher, "embedding.source=file:embeddings.npy")
+    with train_ready_cluster(num_cpus=2):
+        ray_summary = run(load_config("digits", ray_overrides))
+    assert distill(*local_overrides) == 0
+    local_summary = json.loads((tmp_path / "local-run" / "summary.json").read_text())
+
+    for key in ("epochs_done", "kd_steps", "synthesis_episodes"):
+        assert ray_summary[key] == local_summary[key], key
+    for key in ("images", "pixels"):
+        assert ray_summary["synthesis"][key] == local_summary["synthesis"][key], key
+    assert len(ray_summary["history"]) == len(local_summary["history"]) == 3
+
+    ray_checkpoint, local_checkpoint = latest_checkpoint(tmp_path / "ray-run"), latest_checkpoint(tmp_path / "local-run")
+    assert {p.name for p in ray_checkpoint.iterdir()} == {p.name for p in local_checkpoint.iterdir()} == {
+        STATE_FILE, "rank0.json", "pool-rank0"}
+    assert (torch.load(ray_checkpoint / STATE_FILE, weights_only=True).keys()
+            == torch.load(local_checkpoint / STATE_FILE, weights_only=True).keys())
+    ray_saved, local_saved = read_saved_run(ray_checkpoint), read_saved_run(local_checkpoint)
+    assert len(ray_saved.generators) == len(local_saved.generators) == 1
+    assert set(ray_saved.generators[0]) == set(local_saved.generators[0])
+    assert read_ranks(ray_checkpoint)[0].keys() == read_ranks(local_checkpoint)[0].keys()
+    assert ray_saved.config["embedding"]["source"] == f"file:{tmp_path / 'embeddings.npy'}"
