@@ -30,6 +30,22 @@ def pytest_configure(config: pytest.Config) -> None:
     torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def fresh_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """An empty HOME for the whole session, as on a machine that never ran these tests: a Ray token
+    (~/.ray/auth_token), MLflow, torch or matplotlib caches left here make no test pass or fail, and no
+    test writes to the real HOME. Session-scoped and autouse: set up before any module's Ray cluster, and
+    inherited by every process a test starts. (Imports at collection come earlier: .ci/run covers them.)"""
+    home = tmp_path_factory.mktemp("home")
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("HOME", str(home))
+        # These lead past HOME to this machine's own folders or Ray token.
+        for name in ("XDG_CACHE_HOME", "XDG_CONFIG_HOME", "XDG_DATA_HOME", "TORCH_HOME", "HF_HOME",
+                     "MPLCONFIGDIR", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
+            env.delenv(name, raising=False)
+        yield home
+
+
 @pytest.fixture(scope="session")
 def digits_splits():
     return load_dataset(load_config("digits").data)

@@ -2,11 +2,12 @@
 the repo shipped with `ray job submit --working-dir`, the driver joining the job's cluster (not a new
 local one); and a sweep driver on that head interrupted by SIGINT, then continued with --resume.
 
-Token authentication (Ray 2.59+): a head started while `RAY_AUTH_MODE` is unset turns it on by itself
-when a token exists (`~/.ray/auth_token`), but the job client does not: without `RAY_AUTH_MODE=token`
-in its environment `ray job submit` fails with "Authentication required: Unauthorized: Missing
-authentication token ... RAY_AUTH_MODE is currently 'disabled'". With it, the client reads the token
-from ~/.ray/auth_token (or `RAY_AUTH_TOKEN` / `RAY_AUTH_TOKEN_PATH`).
+Token authentication (Ray 2.59+): a head started while `RAY_AUTH_MODE` is unset turns it on only when
+a token already exists (`~/.ray/auth_token`), and a job client turns it on only with `RAY_AUTH_MODE=token`
+in its environment. Relying on either makes the result depend on what the machine keeps in its home
+folder, so the module writes a token of its own and gives it (`RAY_AUTH_TOKEN_PATH`) with
+`RAY_AUTH_MODE=token` to the head and to every client: auth is on whatever the machine, and no test reads
+or writes ~/.ray.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import csv
 import json
 import os
 import re
+import secrets
 import shutil
 import signal
 import socket
@@ -59,11 +61,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def ray_env(**extra: str) -> dict[str, str]:
-    """This environment with the venv's `python` and `ray` first on PATH and no RAY_ADDRESS."""
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+def ray_env(token: Path, **extra: str) -> dict[str, str]:
+    """This environment with the venv's `python` and `ray` first on PATH, no RAY_ADDRESS, and token auth
+    on with the token in `token` (RAY_AUTH_TOKEN would take precedence over the file: dropped)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN")}
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
-    return env | {"RAY_USAGE_STATS_ENABLED": "0"} | extra
+    auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
+    return env | {"RAY_USAGE_STATS_ENABLED": "0"} | auth | extra
+
+
+def dashboard_get(url: str, token: str | None = None) -> tuple[int, str]:
+    """GET from the dashboard, with `Authorization: Bearer <token>` when a token is given: (status, body)."""
+    headers = {"Authorization": f"Bearer {token}"} if token is not None else {}
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=10) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read().decode()
 
 
 def session_members(sid: int) -> list[int]:
@@ -116,12 +130,22 @@ def wait_for_dashboard(url: str, head: subprocess.Popen, log: Path, timeout_s: f
 
 
 @pytest.fixture(scope="module")
-def head(tmp_path_factory):
-    """A head node of our own on loopback; yields (dashboard URL, GCS address)."""
+def auth_token(tmp_path_factory) -> Path:
+    """A file holding this module's Ray token (Ray's own format: 32 random bytes in hex)."""
+    path = tmp_path_factory.mktemp("auth") / "auth_token"
+    path.touch(mode=0o600)
+    path.write_text(secrets.token_hex(32))
+    return path
+
+
+@pytest.fixture(scope="module")
+def head(tmp_path_factory, auth_token):
+    """A head node of our own on loopback, token auth on with `auth_token`; yields (dashboard URL, GCS address)."""
     logs = tmp_path_factory.mktemp("head")
     ray_tmp = tempfile.mkdtemp(prefix="muse-ray-", dir="/tmp")  # short: socket paths
     gcs_port, dashboard_port = free_port(), free_port()
     env = ray_env(
+        auth_token,
         # Its ray_current_cluster file (where Ray Train's placement-group cleaner looks for its cluster)
         # stays in a folder of ours, away from other clusters on this machine.
         RAY_TMPDIR=ray_tmp,
@@ -146,7 +170,18 @@ def head(tmp_path_factory):
         shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
-def test_run_py_as_a_ray_job(head, tmp_path, teacher_dir, digits_splits):
+def test_the_head_refuses_requests_without_its_token(head, auth_token):
+    url, _ = head
+    jobs = f"{url}/api/jobs/"
+    status, body = dashboard_get(f"{url}/api/authentication_mode")  # public: says whether auth is on
+    assert (status, json.loads(body)) == (200, {"authentication_mode": "token"}), body
+    assert dashboard_get(jobs)[0] == 401  # no Authorization header
+    assert dashboard_get(jobs, secrets.token_hex(32))[0] == 403  # another token
+    status, body = dashboard_get(jobs, auth_token.read_text())
+    assert status == 200 and isinstance(json.loads(body), list), body
+
+
+def test_run_py_as_a_ray_job(head, auth_token, tmp_path, teacher_dir, digits_splits):
     url, gcs_address = head
     teacher = fast_digits_config(tmp_path, teacher_dir)
     ensure_teacher(teacher, digits_splits)  # trained once here; the job only loads it
@@ -156,9 +191,8 @@ def test_run_py_as_a_ray_job(head, tmp_path, teacher_dir, digits_splits):
               "--runtime-env-json", json.dumps({"excludes": EXCLUDES}),
               "--", "python", "orchestration/run.py", "--config", "digits", *overrides]
 
-    # The client must be told to send the token: see the module docstring.
-    job = subprocess.run(submit, env=ray_env(RAY_AUTH_MODE="token"), capture_output=True, text=True,
-                         timeout=JOB_TIMEOUT_S)
+    # The client sends the head's token: see the module docstring.
+    job = subprocess.run(submit, env=ray_env(auth_token), capture_output=True, text=True, timeout=JOB_TIMEOUT_S)
     output = job.stdout + job.stderr
     assert job.returncode == 0, output[-5000:]
 
@@ -175,7 +209,7 @@ def test_run_py_as_a_ray_job(head, tmp_path, teacher_dir, digits_splits):
     assert (out_dir / "student.pt").is_file()
 
 
-def test_a_sweep_as_a_ray_job(head, tmp_path, teacher_dir, digits_splits):
+def test_a_sweep_as_a_ray_job(head, auth_token, tmp_path, teacher_dir, digits_splits):
     url, gcs_address = head
     teacher = fast_digits_config(tmp_path, teacher_dir)
     ensure_teacher(teacher, digits_splits)
@@ -188,8 +222,7 @@ def test_a_sweep_as_a_ray_job(head, tmp_path, teacher_dir, digits_splits):
     submit = [str(RAY_CLI), "job", "submit", "--address", url, "--working-dir", str(REPO),
               "--runtime-env-json", json.dumps({"excludes": EXCLUDES}),
               "--", "python", "sweeps/run.py", str(sweep)]
-    job = subprocess.run(submit, env=ray_env(RAY_AUTH_MODE="token"), capture_output=True, text=True,
-                         timeout=JOB_TIMEOUT_S)
+    job = subprocess.run(submit, env=ray_env(auth_token), capture_output=True, text=True, timeout=JOB_TIMEOUT_S)
     output = job.stdout + job.stderr
     assert job.returncode == 0, output[-5000:]
     assert f"Connecting to existing Ray cluster at address: {gcs_address}" in output, output[-5000:]
@@ -210,7 +243,7 @@ def committed_checkpoints(run_dirs: Iterable[Path]) -> int:
     return count
 
 
-def test_an_interrupted_sweep_continues_with_resume(head, tmp_path, teacher_dir, digits_splits):
+def test_an_interrupted_sweep_continues_with_resume(head, auth_token, tmp_path, teacher_dir, digits_splits):
     """Ctrl+C stops a sweep mid-trial; the same command plus --resume keeps the finished work, continues
     the unfinished trial from its newest checkpoint and runs the trial not yet started."""
     _, gcs_address = head
@@ -226,7 +259,7 @@ def test_an_interrupted_sweep_continues_with_resume(head, tmp_path, teacher_dir,
                       "ray.train.cpus_per_worker=0.45"],
         "space": {"loss.kr": {"grid": [0.0, 1.0]}}, "max_concurrent_trials": 1}))  # one trial after the other
     command = [sys.executable, str(REPO / "sweeps" / "run.py"), str(sweep)]
-    env = ray_env(RAY_ADDRESS=gcs_address, RAY_AUTH_MODE="token")
+    env = ray_env(auth_token, RAY_ADDRESS=gcs_address)
 
     log = tmp_path / "first.log"
     with log.open("w") as out:
