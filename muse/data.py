@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import io
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,7 +36,7 @@ __all__ = [
     "ImageSplits",
     "InMemoryImages",
     "denormalize",
-    "evaluate_loader",
+    "iterate_batches",
     "load_dataset",
     "normalize",
 ]
@@ -97,12 +98,17 @@ class InMemoryImages(Dataset):
         return self.images.shape[0]
 
     def __getitem__(self, index: int) -> tuple[Tensor, int]:
-        image = self.images[index]
-        if image.shape[-2:] != (self.info.resolution, self.info.resolution):
-            image = resize(image[None], self.info.resolution)[0]
-        if image.dtype == torch.uint8:
-            image = image.float().div_(255.0)
-        return (image - self._mean) / self._std, int(self.labels[index])
+        images, labels = self.batch(torch.tensor([index]))
+        return images[0], int(labels[0])
+
+    def batch(self, indices: Tensor) -> tuple[Tensor, Tensor]:
+        """Normalised images [B,C,R,R] and labels [B] of `indices`, as whole tensors (no per-item work)."""
+        images = self.images[indices]
+        if images.shape[-2:] != (self.info.resolution, self.info.resolution):
+            images = resize(images, self.info.resolution)
+        if images.dtype == torch.uint8:
+            images = images.float().div_(255.0)
+        return (images - self._mean) / self._std, self.labels[indices]
 
 
 def load_dataset(cfg: DataConfig) -> ImageSplits:
@@ -141,9 +147,18 @@ def denormalize(images: Tensor, info: DatasetInfo) -> Tensor:
     return images * std + mean
 
 
-def evaluate_loader(split: Dataset, batch_size: int) -> DataLoader:
-    """A deterministic loader for evaluation: fixed order, no shuffling, no workers, last batch kept."""
-    return DataLoader(split, batch_size=batch_size, shuffle=False, num_workers=0, drop_last=False)
+def iterate_batches(split: Dataset, batch_size: int,
+                    shuffle: torch.Generator | None = None) -> Iterator[tuple[Tensor, Tensor]]:
+    """(normalised images, labels) batches of a whole split: in order (evaluation), or in a random order
+    drawn from `shuffle` (training); the last batch may be smaller. In-memory splits are sliced as whole
+    tensors, other datasets (imagefolder) go through a DataLoader."""
+    if isinstance(split, InMemoryImages):
+        order = torch.randperm(len(split), generator=shuffle) if shuffle is not None else torch.arange(len(split))
+        for indices in order.split(batch_size):
+            yield split.batch(indices)
+    else:
+        yield from DataLoader(split, batch_size=batch_size, shuffle=shuffle is not None, generator=shuffle,
+                              num_workers=0, drop_last=False)
 
 
 def _stats(images: Tensor, info: DatasetInfo) -> tuple[Tensor, Tensor]:

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from muse.data import evaluate_loader
+from muse.data import iterate_batches
 
 
 @torch.no_grad()
@@ -15,7 +15,7 @@ def accuracy(model: nn.Module, dataset: Dataset, batch_size: int = 512, device: 
     was_training = model.training
     model.eval()
     correct = total = 0
-    for images, labels in evaluate_loader(dataset, batch_size):
+    for images, labels in iterate_batches(dataset, batch_size):
         logits = model(images.to(device))
         correct += (logits.argmax(dim=1).cpu() == labels).sum().item()
         total += len(labels)

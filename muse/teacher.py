@@ -3,6 +3,7 @@ load it back safely (`weights_only=True`), checking the metadata against the run
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -11,12 +12,11 @@ import timm
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 import muse.models  # noqa: F401  (registers our architectures with timm)
 from muse.config import ConfigError, RunConfig, error_summary
-from muse.data import DatasetInfo, ImageSplits
+from muse.data import DatasetInfo, ImageSplits, iterate_batches
 from muse.distillation import cosine_schedule
 from muse.evaluate import accuracy
 from muse.io import save_torch
@@ -32,16 +32,16 @@ def train_supervised(model: nn.Module, splits: ImageSplits, epochs: int, batch_s
     """Cross-entropy training on the real training split (shift/flip augmentation, SGD, cosine LR).
     Returns test accuracy in percent. Used for teachers and for the `real` reference student."""
     torch.manual_seed(seed)
-    loader = DataLoader(splits.train, batch_size=batch_size, shuffle=True, drop_last=False,
-                        generator=torch.Generator().manual_seed(seed))
+    order = torch.Generator().manual_seed(seed)
+    steps_per_epoch = math.ceil(len(splits.train) / batch_size)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay,
                                 nesterov=True)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_schedule(epochs * len(loader)))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_schedule(epochs * steps_per_epoch))
     flip = get_dataset(splits.info.name).flip_safe
     model.to(device).train()
     bar = tqdm(range(epochs), desc=desc, unit="epoch", dynamic_ncols=True)
     for _ in bar:
-        for images, labels in loader:
+        for images, labels in iterate_batches(splits.train, batch_size, shuffle=order):
             images = random_shift_flip(images.to(device), flip=flip)
             loss = F.cross_entropy(model(images), labels.to(device))
             optimizer.zero_grad(set_to_none=True)

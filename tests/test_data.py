@@ -17,7 +17,7 @@ from muse.data import (
     DatasetError,
     ImageSplits,
     denormalize,
-    evaluate_loader,
+    iterate_batches,
     load_dataset,
     normalize,
 )
@@ -41,7 +41,7 @@ def digits() -> ImageSplits:
 
 def _stack(split, count: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     images, labels = [], []
-    for xb, yb in evaluate_loader(split, 512):
+    for xb, yb in iterate_batches(split, 512):
         images.append(xb)
         labels.append(yb)
         if count is not None and sum(len(x) for x in images) >= count:
@@ -168,10 +168,20 @@ def test_one_resize_serves_stored_images_and_network_inputs() -> None:
     assert floats.grad is not None and resize(floats, 32) is floats
 
 
-def test_evaluate_loader_is_ordered_and_complete(digits: ImageSplits) -> None:
-    batches = list(evaluate_loader(digits.test, 100))
+def test_iterate_batches_is_ordered_and_complete(digits: ImageSplits) -> None:
+    batches = list(iterate_batches(digits.test, 100))
     assert [len(y) for _, y in batches] == [100, 100, 100, 60]
     assert torch.equal(torch.cat([y for _, y in batches]), digits.test.labels)
+
+
+def test_shuffled_batches_cover_the_split_once_with_the_items_values(digits: ImageSplits) -> None:
+    split = digits.train
+    batches = list(iterate_batches(split, 128, shuffle=torch.Generator().manual_seed(0)))
+    order = torch.randperm(len(split), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(torch.cat([y for _, y in batches]), split.labels[order])
+    assert sorted(order.tolist()) == list(range(len(split)))
+    first_image, first_label = split[int(order[0])]
+    assert torch.equal(batches[0][0][0], first_image) and int(batches[0][1][0]) == first_label
 
 
 # --- errors --------------------------------------------------------------------------------------
@@ -264,7 +274,7 @@ def test_imagefolder(tmp_path: Path) -> None:
     assert info.class_names == ("cat", "dog") and info.num_classes == 2 and info.in_chans == 3
     assert info.resolution == 24 and info.mean == get_dataset("imagefolder").mean
     assert (len(splits.train), len(splits.test)) == (4, 4)
-    images, labels = next(iter(evaluate_loader(splits.test, 8)))
+    images, labels = next(iter(iterate_batches(splits.test, 8)))
     assert images.shape == (4, 3, 24, 24) and labels.tolist() == [0, 0, 1, 1]
     assert load_dataset(DataConfig(name="imagefolder", root=tmp_path)).train[0][0].shape == (3, 224, 224)
 
