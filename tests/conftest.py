@@ -81,9 +81,11 @@ def train_ready_cluster(num_cpus: int) -> Iterator[None]:
         # The dashboard serves the state API that Ray Train's placement-group cleaner polls.
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
                  _node_ip_address="127.0.0.1")
-        (Path(ray_tmp) / "ray" / "ray_current_cluster").write_text(ray.get_runtime_context().gcs_address)
-        yield
-        ray.shutdown()
+        try:
+            (Path(ray_tmp) / "ray" / "ray_current_cluster").write_text(ray.get_runtime_context().gcs_address)
+            yield
+        finally:  # a failing test must not leave Ray up for the next module's cluster
+            ray.shutdown()
     shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
