@@ -175,6 +175,33 @@ class DistillConfig(Section):
     weight_decay: float = Field(5e-4, ge=0)
     lr_schedule: Literal["cosine", "constant"] = "cosine"
     augment: bool = Field(True, description="Crop/flip pool images; the teacher then re-scores the augmented batch")
+    bn_stats: Literal["running", "pool"] = Field(
+        "running",
+        description="The student's BatchNorm statistics at each evaluation and in the saved student: running "
+        "(the running average training leaves, which follows the newest KD batches) or pool (recomputed over "
+        "the pool's images just before; training is unchanged)")
+    bn_stats_images: int = Field(
+        20000, ge=1, description="With bn_stats=pool: at most this many pool images (whole records, drawn "
+        "uniformly) to recompute the statistics over")
+
+
+class BudgetConfig(Section):
+    """How much synthesis a run spends. `epochs`: every distillation epoch runs `synthesis.g_loops`
+    episodes. `images`, `pixels` or `seconds` (of synthesis): the run spends `amount`, warm-up included,
+    spread evenly over its `distill.epochs` epochs (each runs episodes until its share is spent, the last
+    episode may overshoot it by less than one episode), so methods with cheaper episodes get more of them
+    for the same KD steps. On Ray each Train worker spends its share (amount / workers)."""
+
+    kind: Literal["epochs", "images", "pixels", "seconds"] = "epochs"
+    amount: float | None = Field(None, gt=0, description="What the run may spend, in `kind` units (not for epochs)")
+
+    @model_validator(mode="after")
+    def _amount_when_needed(self) -> BudgetConfig:
+        if self.kind == "epochs" and self.amount is not None:
+            raise ValueError("budget.amount is for kind images, pixels or seconds; set budget.kind, or drop the amount")
+        if self.kind != "epochs" and self.amount is None:
+            raise ValueError(f"budget.kind={self.kind} needs budget.amount, e.g. budget.amount=2e6")
+        return self
 
 
 class PoolConfig(Section):
@@ -270,6 +297,7 @@ class RunConfig(Section):
     resolution: ResolutionConfig = Field(default_factory=ResolutionConfig)
     synthesis: SynthesisConfig = Field(default_factory=SynthesisConfig)
     distill: DistillConfig = Field(default_factory=DistillConfig)
+    budget: BudgetConfig = Field(default_factory=BudgetConfig)
     pool: PoolConfig = Field(default_factory=PoolConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
@@ -302,6 +330,32 @@ PRESETS: dict[str, dict[str, Any]] = {
     "nayer": {"resolution.set": None, "resolution.schedule": "fixed", "resolution.weights": None,
               "loss.kr": 0.0, "loss.aed": 0.0, "loss.ed": 0.0},
 }
+
+
+# MUSE with one of its additions off, by name (for equal-compute comparisons, e.g. benchmarks/quality.py):
+# `muse-no-kr`, `muse-no-ed`, `muse-no-aed`, and `muse-at-R` for each resolution R of the run's set (a
+# single resolution, the multi-resolution addition off).
+ABLATIONS: dict[str, dict[str, Any]] = {
+    "muse-no-kr": {"loss.kr": 0.0},
+    "muse-no-ed": {"loss.ed": 0.0},
+    "muse-no-aed": {"loss.aed": 0.0},
+}
+
+
+def ablation_names(cfg: RunConfig) -> list[str]:
+    """Every ablation of `cfg` (a MUSE config), each addition off in turn."""
+    return [*ABLATIONS, *(f"muse-at-{r}" for r in cfg.resolution.set)]
+
+
+def ablation(cfg: RunConfig, name: str) -> RunConfig:
+    """`cfg` with the ablation `name` applied (see `ABLATIONS`)."""
+    if name in ABLATIONS:
+        return with_overrides(cfg, ABLATIONS[name])
+    resolution = name.removeprefix("muse-at-")
+    if name.startswith("muse-at-") and resolution.isdigit() and int(resolution) in cfg.resolution.set:
+        return with_overrides(cfg, {"resolution.set": [int(resolution)], "resolution.schedule": "fixed",
+                                    "resolution.weights": None})
+    raise ConfigError(f"unknown ablation {name!r}; choose one of {ablation_names(cfg)}")
 
 
 def load_config(source: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:

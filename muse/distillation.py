@@ -4,7 +4,7 @@ pulls its projected embedding toward the class anchor (α_ed·L_ed, MUSE)."""
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -15,6 +15,7 @@ from muse.config import RunConfig
 from muse.datasets import get_dataset
 from muse.losses import embedding_distance_loss, kd_loss
 from muse.pool import PoolBatch
+from muse.synthesis import SynthesisRecord
 from muse.student import StudentNet
 from muse.transforms import model_input, random_shift_flip
 
@@ -87,6 +88,22 @@ class Distiller:
         student_resize = self.eval_resolution if self.cfg.resolution.student_input == "resize" else None
         labels = torch.from_numpy(batch.labels).to(self.device)
         return model_input(images, self.mean, self.std, student_resize), teacher_logits.float(), labels
+
+    def recalibrate_bn(self, records: Sequence[SynthesisRecord], student: StudentNet | None = None) -> None:
+        """Set the BatchNorm running statistics of the student (or of `student`, e.g. a copy) to the exact
+        mean and variance over `records` (un-augmented, at the size the student sees them; one batch per
+        record), in place of the running average that training leaves, which follows the newest KD batches.
+        Training is unchanged: in train mode BatchNorm normalises with each batch's own statistics."""
+        batches = [self.student_input(record.images) for record in records]
+        torch.optim.swa_utils.update_bn(batches, (student or self.student).backbone)
+
+    def student_input(self, images: np.ndarray) -> torch.Tensor:
+        """Pool images (uint8 or float [0,1]) as the student's input, without augmentation."""
+        images01 = torch.from_numpy(images.astype(np.float32)).to(self.device)
+        if images.dtype == np.uint8:
+            images01 = images01 / 255.0
+        resize = self.eval_resolution if self.cfg.resolution.student_input == "resize" else None
+        return model_input(images01, self.mean, self.std, resize)
 
     def state_dict(self) -> dict[str, Any]:
         student = {k: v.detach().cpu().clone() for k, v in self.student.state_dict().items()}

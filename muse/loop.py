@@ -1,6 +1,7 @@
 """The epoch, once. Warm-up epochs only fill the pool (`gwp_loops` synthetic batches each); every later
-epoch adds `g_loops` batches, runs `kd_steps` student steps on pool batches and, where this process
-evaluates, scores the student on the real test split.
+epoch adds `g_loops` batches (or, with a synthesis budget, its share of the budget), runs `kd_steps`
+student steps on pool batches and, where this process evaluates, scores the student on the real test
+split.
 
 Both runners call `run_epochs`: the single-process engine (`muse.engine`) and every Ray Train worker
 (`orchestration.train_loop`). They differ in two places only:
@@ -13,6 +14,7 @@ Both runners call `run_epochs`: the single-process engine (`muse.engine`) and ev
 from __future__ import annotations
 
 import functools
+import math
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
@@ -78,7 +80,7 @@ class RunState:
     episodes: int = 0  # synthesis episodes this process consumed (admitted to the pool or not)
     kd_steps: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)  # one entry per evaluated epoch
-    tally: SynthesisTally = field(default_factory=SynthesisTally)  # what entered this process's pool
+    tally: SynthesisTally = field(default_factory=SynthesisTally)  # every episode this process consumed
     loop_s: float = 0.0  # seconds in the epoch loop, reports and checkpoints included
 
     @classmethod
@@ -89,9 +91,11 @@ class RunState:
 class RecordSource(Protocol):
     """Where an epoch's synthetic batches come from."""
 
-    def epoch_records(self, epoch: int, loops: int, adversarial: bool) -> Iterator[tuple[SynthesisRecord, bool]]:
-        """This process's share of the epoch's `loops` episodes, each with whether it enters the pool
-        (a source may refuse a batch, e.g. one synthesised against too stale a student)."""
+    world: int  # processes that share each epoch's episodes (Ray Train workers; 1 in-process)
+
+    def episodes(self, epoch: int, adversarial: bool) -> Iterator[tuple[SynthesisRecord, bool]]:
+        """This process's episodes of `epoch`, as many as the loop takes, each with whether it enters
+        the pool (a source may refuse a batch, e.g. one synthesised against too stale a student)."""
         ...
 
 
@@ -107,6 +111,11 @@ class EpochHooks:
     def after_epoch(self, epoch: int, metrics: dict[str, Any], state: RunState, last: bool) -> None:
         """After an epoch (`state.epoch` already counts it); `last`: the run ends or stops here."""
 
+    def run_tally(self, tally: SynthesisTally) -> SynthesisTally:
+        """What the whole run has synthesised, given this process's `tally` (Ray: summed over the
+        workers, a collective every worker calls at each evaluated epoch)."""
+        return tally
+
 
 class LocalSynthesis:
     """Synthesis episodes run in this process, at the resolutions the schedule gives, against the
@@ -116,13 +125,19 @@ class LocalSynthesis:
         self.synthesizer, self.schedule, self.distiller = synthesizer, schedule, distiller
         self.epoch: int | None = None  # the last epoch synthesised for
 
-    def epoch_records(self, epoch: int, loops: int, adversarial: bool) -> Iterator[tuple[SynthesisRecord, bool]]:
+    world = 1
+
+    def episodes(self, epoch: int, adversarial: bool) -> Iterator[tuple[SynthesisRecord, bool]]:
         self.epoch = epoch
-        self.synthesizer.maybe_rebuild(epoch)
-        for _ in range(loops):
-            resolution = self.schedule.resolution(epoch, self.synthesizer.step)
-            yield self.synthesizer.episode(resolution, self.distiller.student, self.distiller.steps,
-                                           adversarial=adversarial), True
+        self.synthesizer.maybe_rebuild(epoch)  # now, even if the loop takes no episode this epoch
+
+        def run() -> Iterator[tuple[SynthesisRecord, bool]]:
+            while True:
+                resolution = self.schedule.resolution(epoch, self.synthesizer.step)
+                yield self.synthesizer.episode(resolution, self.distiller.student, self.distiller.steps,
+                                               adversarial=adversarial), True
+
+        return run()
 
     def generator_states(self) -> list[dict[str, Any]]:
         """The synthesizer's state in the shape a generator actor saves it (see `GeneratorActor.get_state`)."""
@@ -181,14 +196,7 @@ def run_epoch(cfg: RunConfig, epoch: int, state: RunState, source: RecordSource,
               hooks: EpochHooks) -> dict[str, Any]:
     """One epoch: synthesis, then (after warm-up) KD steps and an evaluation. Returns its metrics."""
     warming_up = epoch < cfg.synthesis.warmup
-    loops = cfg.synthesis.gwp_loops if warming_up else cfg.synthesis.g_loops
-    synthesis_loss: dict[str, float] = {}
-    for record, admitted in source.epoch_records(epoch, loops, adversarial=not warming_up):
-        state.episodes += 1
-        synthesis_loss = record.losses
-        if admitted:
-            pool.add(record)
-            state.tally.add(record)
+    synthesis_loss = synthesise(cfg, epoch, state, source, pool, warming_up)
     metrics: dict[str, Any] = {"epoch": epoch, "phase": "warmup" if warming_up else "distill"}
     if not warming_up:
         hooks.before_kd(distiller)
@@ -197,10 +205,54 @@ def run_epoch(cfg: RunConfig, epoch: int, state: RunState, source: RecordSource,
             losses = distiller.step(draw_batch(pool, cfg, state.sample_rng))
             hooks.after_kd_step(distiller)
         metrics |= {f"loss_{k}": v for k, v in losses.items()} | {"lr": distiller.lr}
+        run_tally = hooks.run_tally(state.tally)
         if evaluate is not None:
+            if cfg.distill.bn_stats == "pool":
+                distiller.recalibrate_bn(pool.sample_records(cfg.distill.bn_stats_images, state.sample_rng))
             metrics["student_acc"] = evaluate(distiller.student.backbone)
             state.history.append({"epoch": epoch, "student_acc": metrics["student_acc"], "lr": distiller.lr,
                                   **{f"loss_{k}": v for k, v in losses.items()},
-                                  "synthesis_loss": synthesis_loss, "pool": len(pool)})
+                                  "synthesis_loss": synthesis_loss, "pool": len(pool),
+                                  **cumulative_spend(run_tally)})
     state.kd_steps = distiller.steps
     return metrics | {"pool": len(pool), "kd_steps": distiller.steps, "episodes": state.episodes}
+
+
+def synthesise(cfg: RunConfig, epoch: int, state: RunState, source: RecordSource, pool: SyntheticPool,
+               warming_up: bool) -> dict[str, float]:
+    """This process's episodes of `epoch`: `gwp_loops` in warm-up, then `g_loops` per epoch or, with a
+    synthesis budget, until this epoch's share of it is spent. Every episode counts in the tally (what was
+    spent); those the source admits enter the pool. Returns the last episode's losses."""
+    records = source.episodes(epoch, adversarial=not warming_up)
+    kind = cfg.budget.kind
+    if warming_up or kind == "epochs":
+        loops = cfg.synthesis.gwp_loops if warming_up else cfg.synthesis.g_loops
+        target, count = math.inf, math.ceil(loops / source.world)
+    else:
+        # The rest of this process's budget, spread evenly over the distillation epochs left.
+        remaining_epochs = cfg.total_epochs - epoch
+        spent = spend(state.tally, kind)
+        target, count = spent + (cfg.budget.amount / source.world - spent) / remaining_epochs, math.inf
+    synthesis_loss: dict[str, float] = {}
+    taken = 0
+    while taken < count and spend(state.tally, kind) < target:
+        record, admitted = next(records)
+        taken += 1
+        state.episodes += 1
+        state.tally.add(record)
+        synthesis_loss = record.losses
+        if admitted:
+            pool.add(record)
+    return synthesis_loss
+
+
+def spend(tally: SynthesisTally, kind: str) -> float:
+    """What a tally has spent in budget units (`epochs` budgets count nothing here)."""
+    return {"images": sum(tally.images.values()), "pixels": sum(tally.pixels.values()),
+            "seconds": tally.seconds}.get(kind, 0.0)
+
+
+def cumulative_spend(tally: SynthesisTally) -> dict[str, float]:
+    """A history entry's synthesis so far: images, pixels and synthesis seconds."""
+    return {"images": sum(tally.images.values()), "pixels": sum(tally.pixels.values()),
+            "synthesis_s": tally.seconds}

@@ -11,7 +11,7 @@ import yaml
 
 from muse.config import RunConfig
 from muse.io import atomic_write, save_json, save_torch
-from muse.loop import SynthesisTally
+from muse.loop import SynthesisTally, spend
 
 OUTPUT_FILES = ("summary.json", "student.pt", "config.yaml")  # what `save_outputs` writes to output_dir
 
@@ -29,7 +29,9 @@ def build_summary(cfg: RunConfig, *, teacher_acc: float | None, history: list[di
         "best_epoch": history[int(np.argmax(accs))]["epoch"] if accs else None,
         "best_note": "best over epochs selects on the test split, as the DFKD literature reports it",
         "wall_s": wall_s, "loop_s": loop_s, "epochs_done": epochs_done, "kd_steps": kd_steps,
-        "synthesis_episodes": episodes, "synthesis": tally.as_dict(), "history": history,
+        "synthesis_episodes": episodes, "synthesis": tally.as_dict(),
+        "budget": {"kind": cfg.budget.kind, "amount": cfg.budget.amount, "spent": spend(tally, cfg.budget.kind)},
+        "history": history,
         "config": cfg.model_dump(mode="json"),
     }
 

@@ -66,6 +66,18 @@ class SyntheticPool:
         latest = {record.resolution: record for record in self.records}
         return dict(sorted(latest.items()))
 
+    def sample_records(self, max_images: int, rng: np.random.Generator) -> list[SynthesisRecord]:
+        """Whole records holding at most `max_images` images (all of them when they fit), drawn uniformly
+        without replacement, in pool order."""
+        if len(self) <= max_images:
+            return list(self.records)
+        chosen, count = [], 0
+        for index in rng.permutation(len(self.records)).tolist():
+            if count + len(self.records[index]) <= max_images:
+                chosen.append(index)
+                count += len(self.records[index])
+        return [self.records[i] for i in sorted(chosen)]
+
     def sample(self, batch_size: int, rng: np.random.Generator, resolution: int | None = None) -> PoolBatch:
         """Uniform sample (with replacement when the group is smaller) from one resolution's images.
         With `resolution=None` the resolution is drawn in proportion to how many images each holds."""

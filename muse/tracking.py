@@ -51,7 +51,8 @@ class Tracker:
                     info: DatasetInfo, teacher_input: str) -> None: ...
 
     def log_accuracy_curves(self, curves: dict[str, list[dict[str, Any]]], teacher_acc: float | None, title: str,
-                            artifact: str = "accuracy_curve.png", key: str = "student_acc") -> None: ...
+                            artifact: str = "accuracy_curve.png", key: str = "student_acc",
+                            x: str = "epoch") -> None: ...
 
     def set_tags(self, tags: dict[str, str]) -> None: ...
 
@@ -175,11 +176,12 @@ class MlflowTracker(Tracker):
                 self._safely("log an image", lambda: self.client.log_image(self.run_id, picture, artifact_file=path))
 
     def log_accuracy_curves(self, curves: dict[str, list[dict[str, Any]]], teacher_acc: float | None, title: str,
-                            artifact: str = "accuracy_curve.png", key: str = "student_acc") -> None:
+                            artifact: str = "accuracy_curve.png", key: str = "student_acc",
+                            x: str = "epoch") -> None:
         from muse.visuals import accuracy_curves
 
         if any(curves.values()) and self.failure is None:
-            figure = accuracy_curves(curves, teacher_acc, title, key=key)
+            figure = accuracy_curves(curves, teacher_acc, title, key=key, x=x)
             self._safely(f"log {artifact}", lambda: self.client.log_figure(self.run_id, figure, artifact))
 
     def set_tags(self, tags: dict[str, str]) -> None:
@@ -302,6 +304,9 @@ def finish_tracking(tracker: Tracker, cfg: RunConfig, summary: dict[str, Any], s
     tracker.log_missing_epochs({h["epoch"]: history_metrics(h) for h in summary["history"]}, key="student_acc")
     tracker.log_epoch(step, {"final_student_acc": summary["student_acc"], "best_student_acc": summary["best_acc"],
                              "teacher_acc": summary["teacher_acc"], "wall_s": summary["wall_s"]})
-    tracker.log_accuracy_curves({"student": summary["history"]}, summary["teacher_acc"],
-                                f"{cfg.method} on {cfg.data.name}")
+    title = f"{cfg.method} on {cfg.data.name}"
+    tracker.log_accuracy_curves({"student": summary["history"]}, summary["teacher_acc"], title)
+    for x in ("pixels", "synthesis_s"):  # accuracy per unit of synthesis compute
+        tracker.log_accuracy_curves({"student": summary["history"]}, summary["teacher_acc"], title,
+                                    artifact=f"accuracy_vs_{x}.png", x=x)
     tracker.finish([cfg.output_dir / name for name in OUTPUT_FILES])

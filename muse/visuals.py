@@ -76,18 +76,25 @@ def epoch_visuals(epoch: int, records: dict[int, SynthesisRecord], teacher: torc
     return pictures
 
 
+X_LABELS = {"epoch": "epoch", "pixels": "pixels synthesised", "images": "images synthesised",
+            "synthesis_s": "synthesis seconds"}
+
+
 def accuracy_curves(curves: dict[str, list[dict[str, Any]]], teacher_acc: float | None, title: str,
-                    key: str = "student_acc") -> Figure:
-    """`key` (student top-1 by default) per epoch, one line per run (a run's history entries), the
-    teacher as a dashed line."""
+                    key: str = "student_acc", x: str = "epoch") -> Figure:
+    """`key` (student top-1 by default) against `x` (the epoch, or the cumulative `pixels`, `images` or
+    `synthesis_s` of each history entry), one line per run (a run's history entries), the teacher as a
+    dashed line."""
     figure = Figure(figsize=(6.4, 4.0), dpi=100)
     axes = figure.add_subplot()
     for label, history in curves.items():
-        axes.plot([h["epoch"] for h in history], [h[key] for h in history], marker=".", label=label)
+        points = [h for h in history if x in h]
+        axes.plot([h[x] for h in points], [h[key] for h in points], marker=".", label=label)
     if teacher_acc is not None and np.isfinite(teacher_acc):
         axes.axhline(teacher_acc, linestyle="--", color="grey", label=f"teacher {teacher_acc:.2f}%")
-    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
-    axes.set_xlabel("epoch")
+    if x == "epoch":
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes.set_xlabel(X_LABELS.get(x, x))
     axes.set_ylabel("student top-1 on the test split (%)" if key == "student_acc" else key)
     axes.set_title(title)
     axes.grid(alpha=0.3)

@@ -10,7 +10,6 @@ Checkpoints use the format of `muse.checkpoint`, shared with the single-process 
 from __future__ import annotations
 
 import logging
-import math
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -80,7 +79,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     tracking = loop_config.get("tracking")
     tracker = MlflowTracker.attach(tracking if rank == 0 else None)
     hooks = RayWorkerHooks(cfg, rank, world, actors, ray.get_actor(loop_config["weight_store"]), feed, policy,
-                           distiller, pool, tracker, tracked=bool(tracking), teacher=teacher, info=info,
+                           distiller, pool, tracker, teacher=teacher, info=info,
                            teacher_acc=teacher_acc)
 
     def evaluate(model: torch.nn.Module) -> float:
@@ -94,19 +93,23 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
 
 class FeedSource:
-    """A Train worker's share of an epoch's episodes (`loops` split over the workers), pulled from the
-    generator actors; a batch too stale for the staleness policy is counted but kept out of the pool."""
+    """A Train worker's episodes, pulled from the generator actors (the loop takes this worker's share of
+    each epoch); a batch too stale for the staleness policy is counted but kept out of the pool."""
 
     def __init__(self, feed: GenerationFeed, policy: StalenessPolicy, distiller: Distiller, world: int,
                  timeout_s: float) -> None:
         self.feed, self.policy, self.distiller = feed, policy, distiller
         self.world, self.timeout_s = world, timeout_s
 
-    def epoch_records(self, epoch: int, loops: int, adversarial: bool) -> Iterator[tuple[SynthesisRecord, bool]]:
+    def episodes(self, epoch: int, adversarial: bool) -> Iterator[tuple[SynthesisRecord, bool]]:
         self.feed.set_phase(epoch, adversarial=adversarial)
-        for _ in range(math.ceil(loops / self.world)):
-            record = self.feed.next_record(self.timeout_s)
-            yield record, self.policy.admit(self.distiller.steps, record.student_version)
+
+        def pull() -> Iterator[tuple[SynthesisRecord, bool]]:
+            while True:
+                record = self.feed.next_record(self.timeout_s)
+                yield record, self.policy.admit(self.distiller.steps, record.student_version)
+
+        return pull()
 
 
 class RayWorkerHooks(EpochHooks):
@@ -116,12 +119,13 @@ class RayWorkerHooks(EpochHooks):
 
     def __init__(self, cfg: RunConfig, rank: int, world: int, actors: list[ActorHandle], weight_store: ActorHandle,
                  feed: GenerationFeed, policy: StalenessPolicy, distiller: Distiller, pool: SyntheticPool,
-                 tracker: Tracker, *, tracked: bool, teacher: torch.nn.Module, info: DatasetInfo,
+                 tracker: Tracker, *, teacher: torch.nn.Module, info: DatasetInfo,
                  teacher_acc: float | None) -> None:
         self.cfg, self.rank, self.world, self.actors, self.weight_store = cfg, rank, world, actors, weight_store
         self.feed, self.policy, self.distiller, self.pool = feed, policy, distiller, pool
-        self.tracker, self.tracked, self.teacher, self.info = tracker, tracked, teacher, info
+        self.tracker, self.teacher, self.info = tracker, teacher, info
         self.teacher_acc = teacher_acc
+        self.last_run_tally = SynthesisTally()
 
     def before_kd(self, distiller: Distiller) -> None:
         if self.rank == 0 and distiller.steps == 0:
@@ -141,9 +145,6 @@ class RayWorkerHooks(EpochHooks):
                     **{f"staleness_{k}": v for k, v in self.policy.metrics().items()},
                     "teacher_acc": self.teacher_acc if self.teacher_acc is not None else float("nan")}
         evaluated = metrics["phase"] == "distill"
-        tally = state.tally
-        if self.world > 1 and self.tracked and evaluated:
-            tally = _tally_over_ranks(tally, self.world)
         if self.rank == 0:
             accuracy_text = f" student {metrics['student_acc']:.2f}%," if "student_acc" in metrics else ""
             # Not print(): Ray Train patches it to log and echo, which shows every line twice.
@@ -152,11 +153,19 @@ class RayWorkerHooks(EpochHooks):
                              f"{metrics['feed_wait_s']:.1f}s, {metrics['epoch_s']:.1f}s\n")
             sys.stdout.flush()
             if evaluated:
-                self._log_evaluation(epoch, metrics, state, tally)
+                self._log_evaluation(epoch, metrics, state, self.last_run_tally)
         if last or state.epoch % self.cfg.checkpoint_every == 0:
             self._report_with_checkpoint(metrics, state)
         else:
             ray.train.report(metrics)
+
+    def run_tally(self, tally: SynthesisTally) -> SynthesisTally:
+        if self.world > 1:  # a collective: every rank reaches it at each evaluated epoch
+            gathered: list[dict[str, Any] | None] = [None] * self.world
+            torch.distributed.all_gather_object(gathered, tally.as_dict())
+            tally = SynthesisTally.total(t for t in gathered if t)
+        self.last_run_tally = tally
+        return tally
 
     def _log_evaluation(self, epoch: int, metrics: dict[str, Any], state: RunState, tally: SynthesisTally) -> None:
         """Synthesis counts (`tally`) are every rank's; episodes, feed wait, staleness and the pictures
@@ -182,13 +191,6 @@ def feed_state(feed: GenerationFeed) -> dict[str, Any]:
     """A feed's episode numbering (a resumed run numbers on past it) and counters, for a checkpoint."""
     return {"issued": feed.issued, "start_episode": feed.start_episode, "world_size": feed.world_size,
             "feed": feed.metrics()}
-
-
-def _tally_over_ranks(tally: SynthesisTally, world: int) -> SynthesisTally:
-    """The synthesis tally summed over every Train worker (a collective: every rank must call it)."""
-    gathered: list[dict[str, Any] | None] = [None] * world
-    torch.distributed.all_gather_object(gathered, tally.as_dict())
-    return SynthesisTally.total(t for t in gathered if t)
 
 
 def _set_report_log_level(level: str) -> None:

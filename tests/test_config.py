@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from muse.config import ConfigError, load_config, parse_overrides, shipped_configs
+from muse.config import ConfigError, ablation, ablation_names, load_config, parse_overrides, shipped_configs
 from muse.embeddings import label_embeddings
 
 
@@ -96,3 +96,25 @@ def test_embedding_sources_give_unit_rows(tmp_path):
     assert torch.allclose(from_file.norm(dim=1), torch.ones(10))
     with pytest.raises(ConfigError, match="does not exist"):
         label_embeddings(load_config("digits", ["embedding.source=file:/no/such.npy"]).embedding, None, 10, 0)
+
+
+def test_ablations_switch_off_one_addition_each():
+    cfg = load_config("digits")
+    assert ablation_names(cfg) == ["muse-no-kr", "muse-no-ed", "muse-no-aed", "muse-at-8", "muse-at-16"]
+    no_kr = ablation(cfg, "muse-no-kr")
+    assert (no_kr.loss.kr, no_kr.loss.ed, no_kr.loss.aed) == (0.0, cfg.loss.ed, cfg.loss.aed)
+    assert ablation(cfg, "muse-no-ed").loss.ed == 0.0 and ablation(cfg, "muse-no-ed").loss.kr == cfg.loss.kr
+    assert ablation(cfg, "muse-no-aed").loss.aed == 0.0
+    at8 = ablation(cfg, "muse-at-8")
+    assert at8.resolution.set == [8] and at8.resolution.schedule == "fixed" and at8.loss.kr == cfg.loss.kr
+    with pytest.raises(ConfigError, match="unknown ablation 'muse-at-32'"):
+        ablation(cfg, "muse-at-32")
+
+
+def test_a_budget_names_its_amount():
+    with pytest.raises(ConfigError, match="budget.kind=pixels needs budget.amount"):
+        load_config("digits", ["budget.kind=pixels"])
+    with pytest.raises(ConfigError, match="budget.amount is for kind images, pixels or seconds"):
+        load_config("digits", ["budget.amount=5"])
+    cfg = load_config("digits", ["budget.kind=seconds", "budget.amount=90"])
+    assert (cfg.budget.kind, cfg.budget.amount) == ("seconds", 90.0)

@@ -80,3 +80,23 @@ def test_distillation_step_fits_a_fixed_mixed_resolution_batch(tmp_path, digits_
         last = parts.distiller.step(batches)
     assert last["kd"] < 0.5 * first["kd"]
     assert parts.distiller.steps == 61
+
+
+def test_bn_recalibration_sets_the_students_statistics_to_those_of_the_pool(tmp_path, digits_splits, teacher_dir):
+    parts = build_run(fast_digits_config(tmp_path, teacher_dir), digits_splits)
+    for resolution in (8, 16, 8):
+        parts.pool.add(parts.synthesizer.episode(resolution))
+    for _ in range(5):  # running statistics as training leaves them: not the pool's
+        parts.distiller.step(parts.pool.sample_mixed(64, np.random.default_rng(0)))
+    first_conv, first_bn = parts.student.backbone.features[0][0], parts.student.backbone.features[0][1]
+    inputs = [parts.distiller.student_input(r.images) for r in parts.pool.records]
+    with torch.no_grad():
+        per_batch = [first_conv(x) for x in inputs]
+    pool_mean = torch.stack([a.mean(dim=(0, 2, 3)) for a in per_batch]).mean(dim=0)  # equal-size batches
+    pool_var = torch.stack([a.transpose(0, 1).flatten(1).var(dim=1) for a in per_batch]).mean(dim=0)
+    assert not torch.allclose(first_bn.running_mean, pool_mean, atol=1e-3)
+
+    parts.distiller.recalibrate_bn(parts.pool.records)
+    assert torch.allclose(first_bn.running_mean, pool_mean, atol=1e-5)
+    assert torch.allclose(first_bn.running_var, pool_var, rtol=1e-4)
+    assert first_bn.momentum == 0.1 and parts.student.training  # left as training needs it

@@ -17,6 +17,7 @@ from muse.checkpoint import LOCAL_POINTER, STATE_FILE, latest_checkpoint, read_r
 from muse.cli import main as muse_main
 from muse.config import load_config
 from muse.models import classifier_weight
+from muse.pool import SyntheticPool
 from muse.teacher import ensure_teacher, load_teacher
 
 from conftest import FAST_DIGITS, fast_digits_config, train_ready_cluster
@@ -84,6 +85,28 @@ def test_resume_refuses_overrides(local_runs, capsys):
     assert "--resume continues a run with its saved config" in capsys.readouterr().err
 
 
+PIXEL_BUDGET = 150_000  # warm-up (6 episodes of 50 images at 8 or 16 px) takes about a third
+MAX_EPISODE_PIXELS = 50 * 16**2
+
+
+def assert_budget_spent(summary: dict, pool_dir: Path) -> None:
+    """A pixel budget spent to within one episode, accounted exactly: the summary's pixels are those of the
+    records synthesised (all in the pool here), and the last evaluation has seen them all."""
+    total = summary["synthesis"]["total_pixels"]
+    assert PIXEL_BUDGET <= total < PIXEL_BUDGET + MAX_EPISODE_PIXELS
+    assert summary["budget"] == {"kind": "pixels", "amount": PIXEL_BUDGET, "spent": total}
+    assert total == sum(r.pixels for r in SyntheticPool.load(pool_dir, capacity=10**6).records)
+    assert summary["history"][-1]["pixels"] == total
+    assert [h["pixels"] for h in summary["history"]] == sorted(h["pixels"] for h in summary["history"])
+
+
+def test_a_pixel_budget_is_spent_and_accounted_exactly(tmp_path, teacher):
+    assert distill(*overrides(tmp_path / "budget", teacher), "budget.kind=pixels", f"budget.amount={PIXEL_BUDGET}") == 0
+    summary = json.loads((tmp_path / "budget" / "summary.json").read_text())
+    assert_budget_spent(summary, tmp_path / "budget" / "pool")
+    assert summary["kd_steps"] == 30 and summary["epochs_done"] == 5  # the KD steps do not depend on the budget
+
+
 @pytest.mark.slow
 def test_engine_and_ray_runs_leave_the_same_kind_of_state(teacher, tmp_path, monkeypatch, digits_splits):
     """The Ray run of the same tiny config has the engine's counters and checkpoint layout."""
@@ -93,9 +116,10 @@ def test_engine_and_ray_runs_leave_the_same_kind_of_state(teacher, tmp_path, mon
     model, _ = load_teacher(teacher, "digits_cnn", digits_splits.info)
     rows = classifier_weight(model).detach().numpy()
     np.save(tmp_path / "embeddings.npy", np.flip(rows, axis=1).copy())  # any K×d rows will do
-    ray_overrides = overrides(Path("ray-run"), teacher, "embedding.source=file:embeddings.npy",
+    budget = ["budget.kind=pixels", f"budget.amount={PIXEL_BUDGET}"]
+    ray_overrides = overrides(Path("ray-run"), teacher, "embedding.source=file:embeddings.npy", *budget,
                               "ray.generators.num_cpus=0.5", "ray.train.cpus_per_worker=0.5")
-    local_overrides = overrides(Path("local-run"), teacher, "embedding.source=file:embeddings.npy")
+    local_overrides = overrides(Path("local-run"), teacher, "embedding.source=file:embeddings.npy", *budget)
     with train_ready_cluster(num_cpus=2):
         ray_summary = run(load_config("digits", ray_overrides))
     assert distill(*local_overrides) == 0
@@ -108,6 +132,8 @@ def test_engine_and_ray_runs_leave_the_same_kind_of_state(teacher, tmp_path, mon
     assert len(ray_summary["history"]) == len(local_summary["history"]) == 3
 
     ray_checkpoint, local_checkpoint = latest_checkpoint(tmp_path / "ray-run"), latest_checkpoint(tmp_path / "local-run")
+    assert_budget_spent(ray_summary, ray_checkpoint / "pool-rank0")
+    assert_budget_spent(local_summary, tmp_path / "local-run" / "pool")
     assert {p.name for p in ray_checkpoint.iterdir()} == {p.name for p in local_checkpoint.iterdir()} == {
         STATE_FILE, "rank0.json", "pool-rank0"}
     assert (torch.load(ray_checkpoint / STATE_FILE, weights_only=True).keys()

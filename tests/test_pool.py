@@ -81,3 +81,21 @@ def test_pool_mirrors_to_shards_and_reloads(tmp_path):
     assert len(loaded) == len(pool)
     for a, b in zip(pool.records, loaded.records):
         assert_same(a, b)
+
+
+def test_sample_records_takes_whole_records_up_to_the_limit():
+    pool = SyntheticPool(capacity=100)
+    for step in range(10):
+        pool.add(record(step))  # 4 images each
+    assert pool.sample_records(40, np.random.default_rng(0)) == pool.records  # everything fits
+    picked = pool.sample_records(13, np.random.default_rng(0))
+    steps = [r.step for r in picked]
+    assert len(picked) == 3 and steps == sorted(steps) and len(set(steps)) == 3  # 12 of at most 13 images
+    assert steps != [r.step for r in pool.sample_records(13, np.random.default_rng(1))]  # drawn, not the first
+
+
+def test_latest_by_resolution_is_the_newest_record_of_each():
+    pool = SyntheticPool(capacity=100)
+    for step, resolution in enumerate([8, 16, 8, 16, 8]):
+        pool.add(record(step, resolution=resolution))
+    assert {r: rec.step for r, rec in pool.latest_by_resolution().items()} == {8: 4, 16: 3}
