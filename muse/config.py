@@ -126,7 +126,10 @@ class ResolutionConfig(Section):
     set: list[int] = Field(default_factory=lambda: [8, 16])
     schedule: ScheduleKind = "random"
     weights: list[float] | None = Field(None, description="Sampling weights for schedule=random")
-    teacher_input: Literal["native", "resize"] = "native"
+    teacher_input: Literal["native", "resize"] = Field(
+        "resize", description="resize: the teacher scores every image resized to the evaluation resolution, "
+        "as the student sees it (KD compares the two on the same input); native: at the size it was made "
+        "(cheaper, but on digits the teacher's 8 px judgement is not its 16 px one: see README)")
     student_input: Literal["native", "resize"] = "resize"
 
     @field_validator("set")
