@@ -52,6 +52,7 @@ def run_method(tier: str, method: str, seed: int, out: Path, extra: list[str], t
     row = {"method": method, "seed": seed, "threads": threads}
     if method == "real":
         started = time.perf_counter()
+        torch.manual_seed(seed)
         student = timm.create_model(cfg.student.arch, num_classes=splits.info.num_classes,
                                     in_chans=splits.info.in_chans)
         acc = train_supervised(student, splits, cfg.teacher.epochs, cfg.teacher.batch_size, cfg.teacher.lr,

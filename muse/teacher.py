@@ -55,6 +55,7 @@ def train_supervised(model: nn.Module, splits: ImageSplits, epochs: int, batch_s
 def train_teacher(cfg: RunConfig, splits: ImageSplits, device: torch.device | str = "cpu") -> tuple[nn.Module, dict[str, Any]]:
     """Train `cfg.teacher.arch` on the real data and save it to `cfg.teacher_checkpoint`."""
     info = splits.info
+    torch.manual_seed(cfg.seed)  # the initial weights too: the same config trains the same teacher
     model = timm.create_model(cfg.teacher.arch, num_classes=info.num_classes, in_chans=info.in_chans)
     started = time.perf_counter()
     t = cfg.teacher

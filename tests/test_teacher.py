@@ -74,3 +74,12 @@ def test_class_count_and_architecture_mismatches_are_named(trained, tmp_path, di
     save_teacher(tmp_path / "mnist.pt", model, {**meta, "dataset": "mnist"})  # read from the file's metadata
     with pytest.raises(ConfigError, match="it was trained on 'mnist', not 'digits'"):
         load_teacher(tmp_path / "mnist.pt", "digits_cnn", digits_splits.info)
+
+
+def test_the_same_config_trains_the_same_teacher(tmp_path, digits_splits):
+    cfg = fast_digits_config(tmp_path / "run", tmp_path, "teacher.epochs=1")
+    first, _ = train_teacher(cfg, digits_splits)
+    torch.rand(7)  # whatever ran before in the process must not change the teacher
+    second, _ = train_teacher(cfg, digits_splits)
+    for name, value in first.state_dict().items():
+        assert torch.equal(value, second.state_dict()[name]), name
