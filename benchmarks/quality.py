@@ -15,7 +15,6 @@ split), writes JSON.
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import statistics
 import time

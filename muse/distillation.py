@@ -75,9 +75,7 @@ class Distiller:
 
     def _prepare(self, batch: PoolBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Student input, teacher logits and labels for one single-resolution batch."""
-        images = torch.from_numpy(batch.images).to(self.device).float()
-        if batch.images.dtype == np.uint8:
-            images = images / 255.0
+        images = self._pixels01(batch.images)
         if self.cfg.distill.augment:
             images = random_shift_flip(images, flip=self.flip, generator=self.rng)
             teacher_resize = self.eval_resolution if self.cfg.resolution.teacher_input == "resize" else None
@@ -85,9 +83,8 @@ class Distiller:
                 teacher_logits = self.teacher(model_input(images, self.mean, self.std, teacher_resize))
         else:
             teacher_logits = torch.from_numpy(batch.teacher_logits).to(self.device)
-        student_resize = self.eval_resolution if self.cfg.resolution.student_input == "resize" else None
         labels = torch.from_numpy(batch.labels).to(self.device)
-        return model_input(images, self.mean, self.std, student_resize), teacher_logits.float(), labels
+        return self._student_view(images), teacher_logits.float(), labels
 
     def recalibrate_bn(self, records: Sequence[SynthesisRecord], student: StudentNet | None = None) -> None:
         """Set the BatchNorm running statistics of the student (or of `student`, e.g. a copy) to the exact
@@ -99,9 +96,14 @@ class Distiller:
 
     def student_input(self, images: np.ndarray) -> torch.Tensor:
         """Pool images (uint8 or float [0,1]) as the student's input, without augmentation."""
-        images01 = torch.from_numpy(images.astype(np.float32)).to(self.device)
-        if images.dtype == np.uint8:
-            images01 = images01 / 255.0
+        return self._student_view(self._pixels01(images))
+
+    def _pixels01(self, images: np.ndarray) -> torch.Tensor:
+        """Pool images as float pixels in [0,1] on the device."""
+        pixels = torch.from_numpy(images).to(self.device).float()
+        return pixels / 255.0 if images.dtype == np.uint8 else pixels
+
+    def _student_view(self, images01: torch.Tensor) -> torch.Tensor:
         resize = self.eval_resolution if self.cfg.resolution.student_input == "resize" else None
         return model_input(images01, self.mean, self.std, resize)
 

@@ -141,11 +141,10 @@ class LocalSynthesis:
 
     def generator_states(self) -> list[dict[str, Any]]:
         """The synthesizer's state in the shape a generator actor saves it (see `GeneratorActor.get_state`)."""
-        return [self.synthesizer.state_dict() | {"torch_rng": torch.get_rng_state(), "epoch": self.epoch, "index": 0}]
+        return [self.synthesizer.snapshot(self.epoch, index=0)]
 
     def load_generator_states(self, states: list[dict[str, Any]]) -> None:
-        self.synthesizer.load_state_dict(states[0])
-        self.epoch = states[0].get("epoch")
+        self.epoch = self.synthesizer.load_snapshot(states[0])
 
 
 def build_distiller(cfg: RunConfig, info: DatasetInfo, teacher: nn.Module, embeddings: torch.Tensor,

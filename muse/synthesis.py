@@ -7,6 +7,7 @@ EMA, RNG) and returns a `SynthesisRecord` of plain numpy arrays, so a Ray actor 
 
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -181,3 +182,21 @@ class Synthesizer:
         self.bn_loss.load_state_dict(state["bn_ema"])
         self.rng.set_state(state["rng"])
         self.step = int(state["step"])
+
+    def snapshot(self, epoch: int | None, index: int) -> dict[str, Any]:
+        """What a checkpoint saves of a generator (in-process, or GeneratorActor `index`): `state_dict()`
+        plus the global torch (and CUDA) RNG the noisy layers are redrawn from, and the last epoch seen.
+        A deep copy: on CPU `state_dict` holds live tensors, which the next episode changes in place."""
+        state = copy.deepcopy(self.state_dict()) | {"torch_rng": torch.get_rng_state(), "epoch": epoch,
+                                                    "index": index}
+        if self.device.type == "cuda":
+            state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
+        return state
+
+    def load_snapshot(self, state: dict[str, Any]) -> int | None:
+        """Restore a `snapshot` (RNGs included); returns its last epoch seen."""
+        self.load_state_dict(state)
+        torch.set_rng_state(state["torch_rng"])
+        if "cuda_rng" in state and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["cuda_rng"], self.device)
+        return state.get("epoch")

@@ -289,8 +289,7 @@ def epoch_metrics(entry: dict[str, Any], tally: SynthesisTally) -> dict[str, flo
     and the generation throughput (images per second of synthesis time)."""
     metrics = history_metrics(entry)
     metrics |= {f"images_{r}px": n for r, n in tally.images.items()}
-    metrics |= {f"pixels_{r}px": n for r, n in tally.pixels.items()}
-    metrics["synthesis_s"] = tally.seconds
+    metrics |= {f"pixels_{r}px": n for r, n in tally.pixels.items()}  # history_metrics has synthesis_s
     if tally.seconds > 0:
         metrics["synthesis_images_per_s"] = sum(tally.images.values()) / tally.seconds
     return metrics

@@ -9,14 +9,12 @@ it, and the calls that were in flight are retried on the new one (`max_restarts=
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import os
 import time
 from typing import Any
 
 import ray
-import torch
 from ray.actor import ActorHandle
 from ray.exceptions import ObjectLostError, RayActorError
 
@@ -131,21 +129,11 @@ class GeneratorActor:
         return boundary > previous and self.synthesizer.maybe_rebuild(boundary)
 
     def get_state(self) -> dict[str, Any]:
-        """What a resume needs: `Synthesizer.state_dict()` (generator, BN EMA, RNG, step) plus the global
-        torch RNG (the noisy layers are redrawn from it) and the last epoch seen. A deep copy: on CPU
-        `Synthesizer.state_dict` holds the live parameters, which the next episode changes in place."""
-        state = copy.deepcopy(self.synthesizer.state_dict()) | {"torch_rng": torch.get_rng_state(), "epoch": self.epoch,
-                                                 "index": self.index}
-        if self.device.type == "cuda":
-            state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
-        return state
+        """What a resume needs: `Synthesizer.snapshot` (generator, BN EMA, RNGs, step, last epoch seen)."""
+        return self.synthesizer.snapshot(self.epoch, self.index)
 
     def set_state(self, state: dict[str, Any]) -> None:
-        self.synthesizer.load_state_dict(state)
-        torch.set_rng_state(state["torch_rng"])
-        if "cuda_rng" in state and self.device.type == "cuda":
-            torch.cuda.set_rng_state(state["cuda_rng"], self.device)
-        self.epoch = state.get("epoch")
+        self.epoch = self.synthesizer.load_snapshot(state)
 
     def ping(self) -> dict[str, Any]:
         return {"index": self.index, "pid": os.getpid(), "student_version": self.student_version,

@@ -16,7 +16,6 @@ from typing import Any, Sequence
 
 import ray
 import ray.train
-import torch
 from ray.train import UserCallback
 from ray.train.torch import TorchTrainer
 

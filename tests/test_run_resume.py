@@ -5,7 +5,6 @@ config. One cluster and one teacher for the module; three Train runs (staged, re
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
