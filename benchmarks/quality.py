@@ -95,12 +95,15 @@ def main() -> None:
     if meta["test_acc"] < MIN_TEACHER_ACC[args.tier]:
         print(f"warning: the teacher scores {meta['test_acc']:.2f}%, under the {MIN_TEACHER_ACC[args.tier]}% this "
               f"tier assumes; retrain it (remove {cfg.teacher_checkpoint}) with more teacher.epochs")
-    results = [run_method(args.tier, m, s, out, args.overrides, args.threads) for m in methods for s in seeds]
     report = {"tier": args.tier, "teacher_acc": meta["test_acc"], "budget": args.budget or "epochs",
-              "threads": args.threads, "results": results}
+              "threads": args.threads, "results": []}
+    for method in methods:
+        for seed in seeds:
+            report["results"].append(run_method(args.tier, method, seed, out, args.overrides, args.threads))
+            if args.json:  # after every run: a long benchmark stopped midway keeps what it measured
+                save_json(report, args.json)
     print(format_table(report))
     if args.json:
-        save_json(report, args.json)
         print(f"wrote {args.json}")
 
 
