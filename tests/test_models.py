@@ -58,6 +58,29 @@ def test_model_contract(name: str) -> None:
         assert model(torch.randn(2, in_chans, native, native)).shape == (2, 3)
 
 
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_timm_feature_extraction(name: str) -> None:
+    """`features_only=True` gives one map per stage (`feature_info` matches them, the last is the
+    classifier's feature map), and `reset_classifier(0, '')` leaves an unpooled map, as timm users expect."""
+    in_chans, native, _ = timm.get_pretrained_cfg(name).input_size
+    x = torch.randn(2, in_chans, native, native)
+    torch.manual_seed(0)
+    model = timm.create_model(name, num_classes=10, in_chans=in_chans).eval()
+    torch.manual_seed(0)  # the same weights: the wrapper is built around an identically initialised model
+    extractor = timm.create_model(name, features_only=True, in_chans=in_chans).eval()
+    with torch.no_grad():
+        maps = extractor(x)
+        assert [m.shape[1] for m in maps] == extractor.feature_info.channels()
+        assert [native // m.shape[-1] for m in maps] == extractor.feature_info.reduction()
+        torch.testing.assert_close(maps[-1], model.forward_features(x))
+
+        model.reset_classifier(0, global_pool="")
+        unpooled = model(x)
+    assert unpooled.shape == (2, embedding_dim(model), *maps[-1].shape[-2:])
+    if not name.startswith("lenet5"):  # LeNet-5's hidden fc layer stays in the head, as a 1×1 conv
+        torch.testing.assert_close(unpooled, maps[-1])
+
 @pytest.mark.parametrize("name", MODEL_NAMES)
 def test_default_cfg_follows_the_dataset_registry(name: str) -> None:
     cfg = timm.get_pretrained_cfg(name)

@@ -66,6 +66,8 @@ class CifarResNet(PooledLinearClassifier):
         self.layer2 = _make_stage(channels[0], channels[1], layers[1], stride=2)
         self.layer3 = _make_stage(channels[1], channels[2], layers[2], stride=2)
         self.layer4 = _make_stage(channels[2], channels[3], layers[3], stride=2)
+        self.feature_info = [dict(num_chs=channels[0], reduction=1, module="act1"),
+                             *[dict(num_chs=c, reduction=2**i, module=f"layer{i + 1}") for i, c in enumerate(channels)]]
         self._init_head(channels[-1] * BasicBlock.expansion, num_classes, global_pool, drop_rate)
         init_weights(self, zero_linear_bias=False)  # fc keeps torch's default init, bias included
 
@@ -94,11 +96,13 @@ default_cfgs = generate_default_cfgs({
 def cifar_resnet18(pretrained: bool = False, **kwargs: Any) -> CifarResNet:
     """CIFAR ResNet-18: BasicBlock stages of 2/2/2/2."""
     model_args = dict(layers=(2, 2, 2, 2))
-    return build_model_with_cfg(CifarResNet, "cifar_resnet18", pretrained, **dict(model_args, **kwargs))
+    return build_model_with_cfg(CifarResNet, "cifar_resnet18", pretrained, feature_cfg=dict(out_indices=(0, 1, 2, 3, 4)),
+                                **dict(model_args, **kwargs))
 
 
 @register_model
 def cifar_resnet34(pretrained: bool = False, **kwargs: Any) -> CifarResNet:
     """CIFAR ResNet-34: BasicBlock stages of 3/4/6/3."""
     model_args = dict(layers=(3, 4, 6, 3))
-    return build_model_with_cfg(CifarResNet, "cifar_resnet34", pretrained, **dict(model_args, **kwargs))
+    return build_model_with_cfg(CifarResNet, "cifar_resnet34", pretrained, feature_cfg=dict(out_indices=(0, 1, 2, 3, 4)),
+                                **dict(model_args, **kwargs))

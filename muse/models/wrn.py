@@ -70,6 +70,9 @@ class WideResNet(PooledLinearClassifier):
         self.block3 = _make_stage(chs[2], chs[3], n, 2, block_drop_rate)
         self.bn1 = nn.BatchNorm2d(chs[3])
         self.act = nn.ReLU(inplace=True)
+        self.feature_info = [dict(num_chs=chs[1], reduction=1, module="block1"),
+                             dict(num_chs=chs[2], reduction=2, module="block2"),
+                             dict(num_chs=chs[3], reduction=4, module="act")]  # block3 after the final BN-ReLU
         self._init_head(chs[3], num_classes, global_pool, drop_rate)
         init_weights(self)
 
@@ -91,11 +94,13 @@ default_cfgs = generate_default_cfgs({
 def wrn16_2(pretrained: bool = False, **kwargs: Any) -> WideResNet:
     """WRN-16-2: two blocks per stage, widths 32/64/128."""
     model_args = dict(depth=16, widen_factor=2)
-    return build_model_with_cfg(WideResNet, "wrn16_2", pretrained, **dict(model_args, **kwargs))
+    return build_model_with_cfg(WideResNet, "wrn16_2", pretrained, feature_cfg=dict(out_indices=(0, 1, 2)),
+                                **dict(model_args, **kwargs))
 
 
 @register_model
 def wrn40_2(pretrained: bool = False, **kwargs: Any) -> WideResNet:
     """WRN-40-2: six blocks per stage, widths 32/64/128."""
     model_args = dict(depth=40, widen_factor=2)
-    return build_model_with_cfg(WideResNet, "wrn40_2", pretrained, **dict(model_args, **kwargs))
+    return build_model_with_cfg(WideResNet, "wrn40_2", pretrained, feature_cfg=dict(out_indices=(0, 1, 2)),
+                                **dict(model_args, **kwargs))
