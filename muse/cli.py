@@ -5,12 +5,16 @@
     muse distill --config digits --stop-after-epoch 9        # checkpoint and stop (a staged run)
     muse distill --resume runs/digits                         # continue from the latest checkpoint
     muse show-config --config mnist method=nayer
+    muse evaluate --checkpoint runs/digits/student.pt             # top-1 (top-5) on the run's test split
+    muse evaluate --checkpoint teacher.pt --config my.yaml data.name=imagefolder data.root=/data/val_set
+    muse export --run runs/digits --format timm                   # or safetensors, torchscript
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 import yaml
 
@@ -19,7 +23,10 @@ from muse.commandline import (add_run_control_flags, add_tracking_flags, format_
 from muse.config import ConfigError, load_config, shipped_configs
 from muse.data import DatasetError, load_dataset
 from muse.engine import run_distillation
+from muse.evaluate import topk_accuracy
+from muse.export import FORMATS, export_student, load_snippet
 from muse.runtime import resolve_device
+from muse.saved_models import load_classifier
 from muse.teacher import train_teacher
 
 
@@ -37,8 +44,27 @@ def main(argv: list[str] | None = None) -> int:
         if name == "distill":
             add_run_control_flags(command)
             add_tracking_flags(command)
+    evaluate = commands.add_parser("evaluate", help="top-1 (and top-5) of a saved student or teacher on a dataset")
+    evaluate.add_argument("--checkpoint", type=Path, required=True,
+                          help="a run's student.pt, a teacher checkpoint, or a plain/exported state dict")
+    evaluate.add_argument("--config", default=None,
+                          help="the dataset to evaluate on, as a config (default: the run's config.yaml beside "
+                               "the checkpoint, else digits)")
+    evaluate.add_argument("--arch", default=None, help="timm model name, for a plain state dict that does not record it")
+    evaluate.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.root=... data.resolution=32")
+    export = commands.add_parser("export", help="write a run's student as a timm, safetensors or TorchScript file")
+    export.add_argument("--run", type=Path, required=True, help="a finished run's output_dir")
+    export.add_argument("--format", choices=FORMATS, default="timm")
+    export.add_argument("--out", type=Path, default=None, help="where to write (default: <run>/export/)")
     args = parser.parse_args(argv)
     try:
+        if args.command == "evaluate":
+            return evaluate_checkpoint(args.checkpoint, args.config, args.arch, args.overrides)
+        if args.command == "export":
+            path, saved = export_student(args.run, args.format, args.out)
+            print(f"exported the student ({args.format}) → {path}\nload it with:\n"
+                  + load_snippet(args.format, path, saved))
+            return 0
         if args.command == "distill":
             cfg, checkpoint = run_config(args, tracking_overrides(args))
         else:
@@ -59,6 +85,21 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DatasetError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    return 0
+
+
+def evaluate_checkpoint(checkpoint: Path, config: str | None, arch: str | None, overrides: list[str]) -> int:
+    """Print the top-1 (and top-5 for 10 classes or more) of a saved classifier on a dataset's test split."""
+    beside = checkpoint.parent / "config.yaml"
+    cfg = load_config(config or (str(beside) if beside.is_file() else "digits"), overrides)
+    splits = load_dataset(cfg.data)
+    saved = load_classifier(checkpoint, arch=arch, info=splits.info)
+    info = splits.info
+    ks = (1, 5) if info.num_classes >= 10 else (1,)
+    device = resolve_device(cfg.device)
+    scores = topk_accuracy(saved.model.to(device), splits.test, ks, cfg.data.eval_batch_size, device, progress=True)
+    print(f"{saved.kind} {saved.arch} on {info.name} test ({len(splits.test)} images, {info.resolution} px): "
+          + ", ".join(f"top-{k} {scores[k]:.2f}%" for k in ks))
     return 0
 
 

@@ -92,7 +92,7 @@ def run_distillation(cfg: RunConfig, splits: ImageSplits | None = None, progress
                                 wall_s=time.perf_counter() - started, loop_s=state.loop_s, kd_steps=state.kd_steps,
                                 episodes=state.episodes, epochs_done=state.epoch)
         parts.pool.save(cfg.pool_directory)
-        save_outputs(cfg, summary, parts.student.state_dict())
+        save_outputs(cfg, summary, parts.student.state_dict(), parts.splits.info)
     except BaseException:
         tracker.finish([], status="FAILED")
         raise

@@ -10,8 +10,10 @@ import torch
 import yaml
 
 from muse.config import RunConfig
+from muse.data import DatasetInfo
 from muse.io import atomic_write, save_json, save_torch
 from muse.loop import SynthesisTally, spend
+from muse.saved_models import STUDENT_FORMAT, classifier_meta
 
 OUTPUT_FILES = ("summary.json", "student.pt", "config.yaml")  # what `save_outputs` writes to output_dir
 
@@ -36,11 +38,14 @@ def build_summary(cfg: RunConfig, *, teacher_acc: float | None, history: list[di
     }
 
 
-def save_outputs(cfg: RunConfig, summary: dict[str, Any], student_state: dict[str, torch.Tensor]) -> None:
-    """`student.pt` (the StudentNet state; `backbone.*` keys are the plain timm model), the resolved
-    `config.yaml`, and `summary.json` last: a folder with a summary holds the rest."""
+def save_outputs(cfg: RunConfig, summary: dict[str, Any], student_state: dict[str, torch.Tensor],
+                 info: DatasetInfo) -> None:
+    """`student.pt` (the StudentNet state, whose `backbone.*` keys are the plain timm model, and the
+    dataset facts that rebuild and feed it), the resolved `config.yaml`, and `summary.json` last: a folder
+    with a summary holds the rest."""
     cfg.output_dir.mkdir(parents=True, exist_ok=True)
-    save_torch({"arch": cfg.student.arch, "state_dict": student_state, "student_acc": summary["student_acc"]},
+    save_torch({"format": STUDENT_FORMAT, "arch": cfg.student.arch, "state_dict": student_state,
+                "student_acc": summary["student_acc"], "meta": classifier_meta(cfg.student.arch, info)},
                cfg.output_dir / "student.pt")
     atomic_write(cfg.output_dir / "config.yaml",
                  lambda tmp: tmp.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)))

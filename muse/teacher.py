@@ -15,15 +15,15 @@ from torch import nn
 from tqdm import tqdm
 
 import muse.models  # noqa: F401  (registers our architectures with timm)
-from muse.config import ConfigError, RunConfig, error_summary
+from muse.config import ConfigError, RunConfig
 from muse.data import DatasetInfo, ImageSplits, iterate_batches
 from muse.distillation import cosine_schedule
 from muse.evaluate import accuracy
 from muse.io import save_torch
+from muse.saved_models import TEACHER_FORMAT, load_classifier
 from muse.datasets import get_dataset
 from muse.transforms import random_shift_flip
 
-CHECKPOINT_FORMAT = "muse-teacher-v1"
 
 
 def train_supervised(model: nn.Module, splits: ImageSplits, epochs: int, batch_size: int, lr: float,
@@ -73,46 +73,21 @@ def train_teacher(cfg: RunConfig, splits: ImageSplits, device: torch.device | st
 
 def save_teacher(path: Path, model: nn.Module, meta: dict[str, Any]) -> Path:
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    return save_torch({"format": CHECKPOINT_FORMAT, "meta": meta, "state_dict": state}, path)
+    return save_torch({"format": TEACHER_FORMAT, "meta": meta, "state_dict": state}, path)
 
 
 def load_teacher(path: Path, arch: str, info: DatasetInfo) -> tuple[nn.Module, dict[str, Any]]:
     """Load a teacher checkpoint written by `save_teacher`, or a plain state dict of `arch` (a user's
-    file), and check it fits the run: architecture, class count, input channels."""
+    file), and check it fits the run: architecture, class count, input channels, dataset."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"teacher checkpoint {str(path)!r} not found: train one with `muse train-teacher "
                           "--config ...`, set teacher.train_if_missing=true, or fix teacher.checkpoint")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch raises many types for truncated/garbage/pickled files
-        raise ConfigError(f"teacher checkpoint {str(path)!r} cannot be read ({error_summary(error)}); delete it "
-                          "to retrain, or point teacher.checkpoint at a valid file") from None
-    if isinstance(payload, dict) and payload.get("format") == CHECKPOINT_FORMAT:
-        meta, state = payload["meta"], payload["state_dict"]
-    elif isinstance(payload, dict) and payload and all(isinstance(v, torch.Tensor) for v in payload.values()):
-        meta, state = {"arch": arch, "num_classes": info.num_classes, "in_chans": info.in_chans}, payload
-    else:
-        raise ConfigError(f"teacher checkpoint {str(path)!r} is neither a muse teacher checkpoint nor a "
-                          "state dict of tensors")
-    problems = []
-    if meta["arch"] != arch:
-        problems.append(f"architecture is {meta['arch']!r} but teacher.arch is {arch!r}")
-    if meta["num_classes"] != info.num_classes:
-        problems.append(f"it has {meta['num_classes']} classes but dataset {info.name!r} has {info.num_classes}")
-    if meta["in_chans"] != info.in_chans:
-        problems.append(f"it takes {meta['in_chans']} input channels but {info.name!r} has {info.in_chans}")
-    if "dataset" in meta and meta["dataset"] != info.name:
-        problems.append(f"it was trained on {meta['dataset']!r}, not {info.name!r}")
-    if problems:
-        raise ConfigError(f"teacher checkpoint {str(path)!r} does not fit this run: " + "; ".join(problems))
-    model = timm.create_model(arch, num_classes=info.num_classes, in_chans=info.in_chans)
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as error:
-        raise ConfigError(f"teacher checkpoint {str(path)!r} does not match architecture {arch!r}: "
-                          f"{str(error).splitlines()[0]}") from None
-    return model.eval(), meta
+    saved = load_classifier(path, arch=arch, info=info, arch_field="teacher.arch")
+    if saved.meta.get("dataset", info.name) != info.name:
+        raise ConfigError(f"teacher checkpoint {str(path)!r} does not fit this run: it was trained on "
+                          f"{saved.meta['dataset']!r}, not {info.name!r}")
+    return saved.model, saved.meta
 
 
 def ensure_teacher(cfg: RunConfig, splits: ImageSplits, device: torch.device | str = "cpu") -> tuple[nn.Module, dict[str, Any]]:

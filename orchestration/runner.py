@@ -22,7 +22,7 @@ from ray.train.torch import TorchTrainer
 from muse.checkpoint import read_ranks, read_saved_run, refuse_reused_output_dir
 from muse.commandline import add_run_control_flags, add_tracking_flags, format_summary, run_config, tracking_overrides
 from muse.config import ConfigError, RunConfig
-from muse.data import DatasetError, load_dataset
+from muse.data import DatasetError, DatasetInfo, load_dataset
 from muse.loop import SynthesisTally
 from muse.outputs import build_summary, save_outputs
 from muse.runtime import resolve_device
@@ -145,13 +145,13 @@ def run(cfg: RunConfig, checkpoint: ray.train.Checkpoint | None = None, stop_aft
     finally:
         for actor in [*actors, store]:
             ray.kill(actor)
-    summary = summarize(cfg, result.checkpoint, time.perf_counter() - started)
+    summary = summarize(cfg, result.checkpoint, time.perf_counter() - started, splits.info)
     if owns_tracker:
         finish_tracking(tracker, cfg, summary, step=summary["epochs_done"])
     return summary
 
 
-def summarize(cfg: RunConfig, checkpoint: ray.train.Checkpoint, wall_s: float) -> dict[str, Any]:
+def summarize(cfg: RunConfig, checkpoint: ray.train.Checkpoint, wall_s: float, info: DatasetInfo) -> dict[str, Any]:
     """The run's summary, read from the final checkpoint (synthesis counts summed over every rank) and
     written with the student to output_dir."""
     with checkpoint.as_directory() as directory:
@@ -162,7 +162,7 @@ def summarize(cfg: RunConfig, checkpoint: ray.train.Checkpoint, wall_s: float) -
                             episodes=sum(rank["episodes"] for rank in ranks), epochs_done=saved.epoch)
     summary |= {"checkpoint": checkpoint.path, "feed": [rank["source"]["feed"] for rank in ranks],
                 "ray": cfg.ray.model_dump(mode="json")}
-    save_outputs(cfg, summary, saved.student_state)
+    save_outputs(cfg, summary, saved.student_state, info)
     return summary
 
 

@@ -22,6 +22,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 
 from muse.checkpoint import latest_checkpoint, read_saved_run
 from muse.config import ConfigError, RunConfig, validate_config, with_overrides
+from muse.data import load_dataset
 from muse.tracking import Tracker, child_tracker, finish_tracking
 from orchestration.runner import run, summarize
 
@@ -73,7 +74,7 @@ def _train_to_the_end(cfg: RunConfig, params: dict[str, Any], trial_root: Path, 
     epoch = _epoch_of(checkpoint)
     _log_segment(trial_root, tracker, cfg, params, start_epoch=epoch, resumed_from=checkpoint.path if checkpoint else None)
     if epoch >= cfg.total_epochs:  # interrupted after its last checkpoint, before its last report
-        return cfg, summarize(cfg, checkpoint, wall_s=0.0)
+        return cfg, summarize(cfg, checkpoint, 0.0, load_dataset(cfg.data).info)
     callback = EvaluationReportCallback(metric, cfg.synthesis.warmup, last_epoch=cfg.total_epochs - 1)
     return cfg, run(cfg, checkpoint, tracker=tracker, callbacks=[callback])
 
@@ -104,7 +105,7 @@ def _train_in_segments(cfg: RunConfig, params: dict[str, Any], trial_root: Path,
     total = cfg.total_epochs
     resumed_from = checkpoint.path if checkpoint else None
     if epoch >= total:  # cloned a donor that had already finished: its outputs are this trial's
-        return cfg, summarize(cfg, checkpoint, wall_s=0.0)
+        return cfg, summarize(cfg, checkpoint, 0.0, load_dataset(cfg.data).info)
     while True:
         stop_after = min(max(epoch, cfg.synthesis.warmup) + interval, total) - 1  # warm-up joins the first segment
         _log_segment(trial_root, tracker, cfg, params, epoch, resumed_from)
