@@ -8,6 +8,8 @@
     muse evaluate --checkpoint runs/digits/student.pt             # top-1 (top-5) on the run's test split
     muse evaluate --checkpoint teacher.pt --config my.yaml data.name=imagefolder data.root=/data/val_set
     muse export --run runs/digits --format timm                   # or safetensors, torchscript
+    muse pool show runs/digits                                    # images per resolution and class
+    muse pool export runs/digits --format imagefolder --out synthetic/   # or parquet (Hugging Face layout)
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from muse.data import DatasetError, load_dataset
 from muse.engine import run_distillation
 from muse.evaluate import topk_accuracy
 from muse.export import FORMATS, export_student, load_snippet
+from muse.pool_files import EXPORT_FORMATS, export_pool, format_pool_summary, summarize_pool
 from muse.runtime import resolve_device
 from muse.saved_models import load_classifier
 from muse.teacher import train_teacher
@@ -56,6 +59,14 @@ def main(argv: list[str] | None = None) -> int:
     export.add_argument("--run", type=Path, required=True, help="a finished run's output_dir")
     export.add_argument("--format", choices=FORMATS, default="timm")
     export.add_argument("--out", type=Path, default=None, help="where to write (default: <run>/export/)")
+    pool = commands.add_parser("pool", help="look at a run's synthetic pool, or export it").add_subparsers(
+        dest="pool_command", required=True)
+    pool.add_parser("show", help="images per resolution and class").add_argument(
+        "path", type=Path, help="a run's output_dir or its pool folder")
+    pool_export = pool.add_parser("export", help="as an ImageFolder of PNGs or a Hugging Face Parquet dataset")
+    pool_export.add_argument("path", type=Path, help="a run's output_dir or its pool folder")
+    pool_export.add_argument("--format", choices=EXPORT_FORMATS, default="imagefolder")
+    pool_export.add_argument("--out", type=Path, required=True, help="a new folder to write")
     args = parser.parse_args(argv)
     try:
         if args.command == "evaluate":
@@ -64,6 +75,13 @@ def main(argv: list[str] | None = None) -> int:
             path, saved = export_student(args.run, args.format, args.out)
             print(f"exported the student ({args.format}) → {path}\nload it with:\n"
                   + load_snippet(args.format, path, saved))
+            return 0
+        if args.command == "pool":
+            if args.pool_command == "show":
+                print(format_pool_summary(summarize_pool(args.path)))
+            else:
+                counts = export_pool(args.path, args.format, args.out)
+                print(f"exported {sum(counts.values()):,} images ({args.format}) → {args.out}")
             return 0
         if args.command == "distill":
             cfg, checkpoint = run_config(args, tracking_overrides(args))
