@@ -33,8 +33,9 @@ def tracking_overrides(args: argparse.Namespace) -> list[str]:
 def add_run_control_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", type=Path, metavar="DIR",
                         help="continue the run in DIR (its output_dir) from its latest committed checkpoint")
-    parser.add_argument("--stop-after-epoch", type=int, metavar="N",
-                        help="checkpoint and stop after epoch N (0-based, warm-up included): a staged run")
+    parser.add_argument("--stop-after-epoch", type=_positive_int, metavar="N",
+                        help="checkpoint and stop once N epochs (warm-up included; epochs count from 1) are "
+                             "done: a staged run")
 
 
 def run_config(args: argparse.Namespace, flags: list[str]) -> tuple[RunConfig, Path | None]:
@@ -65,3 +66,13 @@ def format_summary(summary: dict[str, Any]) -> str:
     ]
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an epoch count: give N ≥ 1 (epochs count from 1)")
+    return value

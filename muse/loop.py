@@ -175,8 +175,10 @@ def draw_batch(pool: SyntheticPool, cfg: RunConfig, rng: np.random.Generator) ->
 def run_epochs(cfg: RunConfig, state: RunState, source: RecordSource, distiller: Distiller, pool: SyntheticPool,
                evaluate: Callable[[nn.Module], float] | None, hooks: EpochHooks,
                stop_after_epoch: int | None = None) -> None:
-    """Run from `state.epoch` to the end of the run (or through `stop_after_epoch`). `evaluate` scores
-    the student's backbone (None where another process evaluates)."""
+    """Run from `state.epoch` to the end of the run, or stop once `stop_after_epoch` epochs (warm-up
+    included) are done. `evaluate` scores the student's backbone (None where another process evaluates).
+    Epochs are numbered from 1 wherever users see them (hooks, metrics, history, MLflow steps, checkpoint
+    names): epoch N is the N-th, and `state.epoch` counts those done."""
     origin = time.perf_counter() - state.loop_s
     for epoch in range(state.epoch, cfg.total_epochs):
         started = time.perf_counter()
@@ -184,8 +186,8 @@ def run_epochs(cfg: RunConfig, state: RunState, source: RecordSource, distiller:
         state.epoch = epoch + 1
         state.loop_s = time.perf_counter() - origin
         metrics["epoch_s"] = time.perf_counter() - started
-        stop_here = epoch == stop_after_epoch
-        hooks.after_epoch(epoch, metrics, state, last=stop_here or state.epoch == cfg.total_epochs)
+        stop_here = state.epoch == stop_after_epoch
+        hooks.after_epoch(state.epoch, metrics, state, last=stop_here or state.epoch == cfg.total_epochs)
         if stop_here:
             return
 
@@ -193,10 +195,11 @@ def run_epochs(cfg: RunConfig, state: RunState, source: RecordSource, distiller:
 def run_epoch(cfg: RunConfig, epoch: int, state: RunState, source: RecordSource, distiller: Distiller,
               pool: SyntheticPool, evaluate: Callable[[nn.Module], float] | None,
               hooks: EpochHooks) -> dict[str, Any]:
-    """One epoch: synthesis, then (after warm-up) KD steps and an evaluation. Returns its metrics."""
+    """Epoch index `epoch` (0-based; reported as `epoch + 1`): synthesis, then (after warm-up) KD steps
+    and an evaluation. Returns its metrics."""
     warming_up = epoch < cfg.synthesis.warmup
     synthesis_loss = synthesise(cfg, epoch, state, source, pool, warming_up)
-    metrics: dict[str, Any] = {"epoch": epoch, "phase": "warmup" if warming_up else "distill"}
+    metrics: dict[str, Any] = {"epoch": epoch + 1, "phase": "warmup" if warming_up else "distill"}
     if not warming_up:
         hooks.before_kd(distiller)
         losses: dict[str, float] = {}
@@ -209,7 +212,7 @@ def run_epoch(cfg: RunConfig, epoch: int, state: RunState, source: RecordSource,
             if cfg.distill.bn_stats == "pool":
                 distiller.recalibrate_bn(pool.sample_records(cfg.distill.bn_stats_images, state.sample_rng))
             metrics["student_acc"] = evaluate(distiller.student.backbone)
-            state.history.append({"epoch": epoch, "student_acc": metrics["student_acc"], "lr": distiller.lr,
+            state.history.append({"epoch": epoch + 1, "student_acc": metrics["student_acc"], "lr": distiller.lr,
                                   **{f"loss_{k}": v for k, v in losses.items()},
                                   "synthesis_loss": synthesis_loss, "pool": len(pool),
                                   **cumulative_spend(run_tally)})

@@ -33,6 +33,11 @@ if TYPE_CHECKING:
     from muse.synthesis import SynthesisRecord
 
 PARENT_RUN_TAG = "mlflow.parentRunId"  # MLflow's own tag: the UI nests a run under this parent
+NOTE_TAG = "mlflow.note.content"  # MLflow's own tag: the description shown on a run's or experiment's page
+# MLflow 3's UI opens an experiment of this kind on its runs table (else on the GenAI trace overview).
+EXPERIMENT_KIND_TAG, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
+EXPERIMENT_NOTE = ("muse-ray data-free distillation runs: each run distils a student from a teacher on synthetic "
+                   "images; sweeps are parent runs with one child run per trial.")
 MAX_PARAMS_PER_BATCH = 100  # MLflow's limit per log_batch call
 
 
@@ -80,11 +85,38 @@ def open_store(uri: str, experiment: str, artifact_root: Path) -> tuple[MlflowCl
         found = client.get_experiment_by_name(experiment)
         local = not uri.startswith(("http://", "https://", "databricks"))
         experiment_id = found.experiment_id if found else client.create_experiment(
-            experiment, artifact_location=artifact_root.resolve().as_uri() if local else None)
+            experiment, artifact_location=artifact_root.resolve().as_uri() if local else None,
+            tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING, NOTE_TAG: EXPERIMENT_NOTE})
+        if found and EXPERIMENT_KIND_TAG not in found.tags:  # made by an older muse, or by hand
+            client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING)
     except Exception as error:  # MLflow raises several types for an unreachable or broken store
         raise ConfigError(f"tracking.uri {uri!r} is not reachable ({error_summary(error)}); start the server, fix tracking.uri "
                           "(--mlflow-uri), or set tracking.required=false to continue without tracking") from None
     return client, experiment_id
+
+
+def run_tags(cfg: RunConfig) -> dict[str, str]:
+    """MLflow's standard run tags (user, source file and, inside a git checkout, its commit, as
+    `mlflow.start_run` sets them), the command line, what is distilled into what, and a description."""
+    from mlflow.tracking.context.registry import resolve_tags
+
+    what = f"{cfg.method} distillation of {cfg.teacher.arch} into {cfg.student.arch} on {cfg.data.name}"
+    resolutions = ", ".join(f"{r} px" for r in cfg.resolution.set)
+    tags = resolve_tags({
+        "muse.command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])[:5000],
+        "muse.method": cfg.method, "muse.dataset": cfg.data.name, "muse.teacher": cfg.teacher.arch,
+        "muse.student": cfg.student.arch, "muse.output_dir": str(cfg.output_dir.resolve()),
+        NOTE_TAG: f"{what}: synthesis at {resolutions}, {cfg.total_epochs} epochs, seed {cfg.seed}. "
+                  f"Outputs in {cfg.output_dir.resolve()}.",
+    })
+    if "mlflow.source.git.commit" not in tags:  # `muse` runs from the venv's bin/: the code is the package's
+        from mlflow.utils.git_utils import get_git_branch, get_git_commit, get_git_repo_url
+
+        package = str(Path(__file__).resolve().parent)
+        found = {"mlflow.source.git.commit": get_git_commit(package), "mlflow.source.git.branch": get_git_branch(package),
+                 "mlflow.source.git.repoURL": get_git_repo_url(package)}
+        tags |= {k: v for k, v in found.items() if v}
+    return tags
 
 
 def _fail_fast() -> None:
@@ -128,7 +160,7 @@ class MlflowTracker(Tracker):
         output_dir.mkdir(parents=True, exist_ok=True)
         uri = tracking_uri(cfg)
         client, experiment_id = open_store(uri, cfg.tracking.experiment, output_dir / "mlartifacts")
-        tags = dict(tags or {})
+        tags = run_tags(cfg) | dict(tags or {})
         if parent_run_id:
             tags[PARENT_RUN_TAG] = parent_run_id
         run = client.create_run(experiment_id, run_name=run_name or output_dir.name, tags=tags)

@@ -148,7 +148,7 @@ class RayWorkerHooks(EpochHooks):
         if self.rank == 0:
             accuracy_text = f" student {metrics['student_acc']:.2f}%," if "student_acc" in metrics else ""
             # Not print(): Ray Train patches it to log and echo, which shows every line twice.
-            sys.stdout.write(f"[muse] epoch {epoch + 1}/{self.cfg.total_epochs} {metrics['phase']}: pool "
+            sys.stdout.write(f"[muse] epoch {epoch}/{self.cfg.total_epochs} {metrics['phase']}: pool "
                              f"{metrics['pool']}, kd steps {metrics['kd_steps']},{accuracy_text} feed wait "
                              f"{metrics['feed_wait_s']:.1f}s, {metrics['epoch_s']:.1f}s\n")
             sys.stdout.flush()

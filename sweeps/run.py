@@ -306,7 +306,7 @@ def _row(result: Any, spec: SweepSpec, cfg: RunConfig) -> TrialRow:
         by_epoch = {int(e): float(v) for e, v in zip(frame["epoch"], frame[spec.metric])}
         reported = [{"epoch": e, spec.metric: v} for e, v in sorted(by_epoch.items())]
     name = Path(result.path).name
-    finished = bool(reported) and reported[-1]["epoch"] >= cfg.total_epochs - 1
+    finished = bool(reported) and reported[-1]["epoch"] >= cfg.total_epochs  # epochs count from 1
     # Tune keeps the results that reached it; a trial continued by --resume lost those in flight at
     # the stop. A finished trial's summary holds every evaluation of its final model.
     history = (_summary_history(cfg.output_dir / name, spec.metric) if finished else None) or reported

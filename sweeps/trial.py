@@ -41,8 +41,8 @@ class EvaluationReportCallback(TuneReportCallback):
         self.metric, self.warmup, self.last_epoch = metric, warmup, last_epoch
 
     def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
-        if self.metric in metrics[0] and metrics[0]["epoch"] < self.last_epoch:
-            evaluations = metrics[0]["epoch"] - self.warmup + 1
+        if self.metric in metrics[0] and metrics[0]["epoch"] < self.last_epoch:  # epochs count from 1
+            evaluations = metrics[0]["epoch"] - self.warmup
             super().after_report(run_context, [metrics[0] | {"evaluations": evaluations}, *metrics[1:]], checkpoint)
 
 
@@ -75,7 +75,7 @@ def _train_to_the_end(cfg: RunConfig, params: dict[str, Any], trial_root: Path, 
     _log_segment(trial_root, tracker, cfg, params, start_epoch=epoch, resumed_from=checkpoint.path if checkpoint else None)
     if epoch >= cfg.total_epochs:  # interrupted after its last checkpoint, before its last report
         return cfg, summarize(cfg, checkpoint, 0.0, load_dataset(cfg.data).info)
-    callback = EvaluationReportCallback(metric, cfg.synthesis.warmup, last_epoch=cfg.total_epochs - 1)
+    callback = EvaluationReportCallback(metric, cfg.synthesis.warmup, last_epoch=cfg.total_epochs)
     return cfg, run(cfg, checkpoint, tracker=tracker, callbacks=[callback])
 
 
@@ -107,7 +107,7 @@ def _train_in_segments(cfg: RunConfig, params: dict[str, Any], trial_root: Path,
     if epoch >= total:  # cloned a donor that had already finished: its outputs are this trial's
         return cfg, summarize(cfg, checkpoint, 0.0, load_dataset(cfg.data).info)
     while True:
-        stop_after = min(max(epoch, cfg.synthesis.warmup) + interval, total) - 1  # warm-up joins the first segment
+        stop_after = min(max(epoch, cfg.synthesis.warmup) + interval, total)  # warm-up joins the first segment
         _log_segment(trial_root, tracker, cfg, params, epoch, resumed_from)
         summary = run(cfg, checkpoint, stop_after_epoch=stop_after, tracker=tracker)
         epoch = summary["epochs_done"]

@@ -44,7 +44,7 @@ def teacher(tmp_path_factory, teacher_dir, digits_splits) -> Path:
 def local_runs(tmp_path_factory, teacher) -> dict[str, dict]:
     root = tmp_path_factory.mktemp("local")
     assert distill(*overrides(root / "whole", teacher)) == 0
-    assert distill(*overrides(root / "staged", teacher), "--stop-after-epoch", "2") == 0
+    assert distill(*overrides(root / "staged", teacher), "--stop-after-epoch", "3") == 0
     stopped = json.loads((root / "staged" / "summary.json").read_text())
     stop_checkpoint = latest_checkpoint(root / "staged").name
     assert distill("--resume", str(root / "staged")) == 0
@@ -56,7 +56,7 @@ def local_runs(tmp_path_factory, teacher) -> dict[str, dict]:
 def test_stop_after_epoch_checkpoints_and_summarises_the_epochs_done(local_runs):
     stopped = local_runs["stopped"]
     assert stopped["epochs_done"] == 3 and local_runs["stop_checkpoint"] == "checkpoint_epoch0003"
-    assert [h["epoch"] for h in stopped["history"]] == [2] and stopped["kd_steps"] == 10
+    assert [h["epoch"] for h in stopped["history"]] == [3] and stopped["kd_steps"] == 10
 
 
 def test_a_resumed_run_ends_exactly_as_an_uninterrupted_one(local_runs):

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
+from PIL import Image
 
 from muse.config import ConfigError
 from muse.engine import run_distillation
@@ -54,9 +55,33 @@ def test_artifacts_include_image_grids_per_resolution(tracked):
     top = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"summary.json", "student.pt", "config.yaml", "images"} <= top
     grids = {a.path for a in client.list_artifacts(run.info.run_id, "images")}
-    assert {"images/epoch0002-8px.png", "images/epoch0002-16px.png"} <= grids
+    assert {"images/epoch0003-8px.png", "images/epoch0003-16px.png"} <= grids
     assert run.info.artifact_uri.startswith("file:///")  # absolute, not relative to the CWD
 
+
+
+def test_experiment_opens_on_runs_and_runs_carry_standard_tags(tracked):
+    cfg, _, client, run = tracked
+    experiment = client.get_experiment(run.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # the UI's runs table
+    tags = run.data.tags
+    assert tags["mlflow.user"] and tags["mlflow.source.type"] == "LOCAL" and tags["mlflow.source.name"]
+    assert (tags["muse.method"], tags["muse.dataset"], tags["muse.teacher"], tags["muse.student"]) == (
+        "muse", "digits", "digits_cnn", "digits_cnn_half")
+    assert tags["muse.command"] and "digits_cnn into digits_cnn_half on digits" in tags["mlflow.note.content"]
+    repo = Path(__file__).resolve().parents[1]
+    if (repo / ".git").exists():  # a source checkout (CI's clean clone is one): the commit that ran
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True).stdout.strip()
+        assert tags["mlflow.source.git.commit"] == head
+
+
+def test_pictures_are_labelled_and_every_resolution_is_side_by_side(tracked, tmp_path):
+    _, _, client, run = tracked
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "resolutions")} == {
+        f"resolutions/epoch{e:04d}.png" for e in (3, 4, 5)}
+    grid = Image.open(client.download_artifacts(run.info.run_id, "images/epoch0005-8px.png", str(tmp_path)))
+    # 50 images of 8 px, each shown at 48 px (6×) with a caption row: 7 rows of 8 tiles, not a 2× thumbnail
+    assert grid.width > 8 * 48 and grid.height > 7 * 48
 
 def test_unreachable_server_is_a_clear_error_or_a_warning(tmp_path):
     cfg = fast_digits_config(tmp_path, tmp_path, "tracking.enabled=true", "tracking.uri=http://127.0.0.1:9")
@@ -70,8 +95,8 @@ def test_unreachable_server_is_a_clear_error_or_a_warning(tmp_path):
 def test_cam_overlays_and_accuracy_curve_are_pngs(tracked, tmp_path):
     _, summary, client, run = tracked
     cams = {a.path for a in client.list_artifacts(run.info.run_id, "cam")}
-    assert {"cam/epoch0002-8px.png", "cam/epoch0002-16px.png"} <= cams
-    for path in ("cam/epoch0002-16px.png", "accuracy_curve.png"):
+    assert {"cam/epoch0003-8px.png", "cam/epoch0003-16px.png"} <= cams
+    for path in ("cam/epoch0003-16px.png", "accuracy_curve.png"):
         local = Path(client.download_artifacts(run.info.run_id, path, str(tmp_path)))
         assert local.read_bytes()[:8] == PNG_MAGIC, path
     throughput = client.get_metric_history(run.info.run_id, "synthesis_images_per_s")
@@ -152,7 +177,7 @@ def test_a_run_logs_to_an_mlflow_server_over_http(mlflow_server, tmp_path, teach
     accuracy = client.get_metric_history(run.info.run_id, "student_acc")
     assert [m.value for m in accuracy] == pytest.approx([h["student_acc"] for h in summary["history"]])
     assert run.info.artifact_uri.startswith("mlflow-artifacts:")  # proxied by the server, not a local path
-    grid = Path(client.download_artifacts(run.info.run_id, "images/epoch0002-16px.png", str(tmp_path)))
+    grid = Path(client.download_artifacts(run.info.run_id, "images/epoch0003-16px.png", str(tmp_path)))
     assert grid.read_bytes()[:8] == PNG_MAGIC
-    assert list(artifact_root.rglob("epoch0002-16px.png")), "the server stored the artifact"
+    assert list(artifact_root.rglob("epoch0003-16px.png")), "the server stored the artifact"
     assert not (tmp_path / "run" / "mlflow.db").exists()
