@@ -19,7 +19,7 @@ from muse.config import RunConfig
 from muse.data import ImageSplits, load_dataset
 from muse.distillation import Distiller
 from muse.embeddings import label_embeddings
-from muse.evaluate import accuracy
+from muse.evaluate import LARGE_TEST_SPLIT, topk_accuracy
 from muse.loop import EpochHooks, LocalSynthesis, RunState, build_distiller, run_epochs, teacher_accuracy
 from muse.outputs import build_summary, save_outputs
 from muse.pool import SyntheticPool
@@ -113,7 +113,12 @@ class EngineHooks(EpochHooks):
 
     def evaluate(self, model: torch.nn.Module) -> float:
         p = self.parts
-        return accuracy(model, p.splits.test, p.cfg.data.eval_batch_size, p.device)
+        return topk_accuracy(model, p.splits.test, (1,), p.cfg.data.eval_batch_size, p.device,
+                             progress=not self.bar.disable and len(p.splits.test) >= LARGE_TEST_SPLIT)[1]
+
+    def after_episode(self, state: RunState, pool: SyntheticPool) -> None:
+        # Warm-up epochs and budgeted epochs can take minutes: show each episode as it lands.
+        self.bar.set_postfix(phase="synthesis", episodes=state.episodes, pool=len(pool))
 
     def after_epoch(self, epoch: int, metrics: dict[str, Any], state: RunState, last: bool) -> None:
         p, cfg = self.parts, self.parts.cfg

@@ -11,6 +11,8 @@ from tqdm import tqdm
 
 from muse.data import iterate_batches
 
+LARGE_TEST_SPLIT = 10_000  # evaluations of this many images or more show a progress bar
+
 
 @torch.no_grad()
 def topk_accuracy(model: nn.Module, dataset: Dataset, ks: Sequence[int] = (1,), batch_size: int = 512,

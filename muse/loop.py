@@ -102,6 +102,9 @@ class RecordSource(Protocol):
 class EpochHooks:
     """Per-process concerns around the shared epoch; every method is a no-op here."""
 
+    def after_episode(self, state: RunState, pool: SyntheticPool) -> None:
+        """After every synthesis episode (`state.episodes` counts it)."""
+
     def before_kd(self, distiller: Distiller) -> None:
         """Before an epoch's first KD step."""
 
@@ -198,7 +201,7 @@ def run_epoch(cfg: RunConfig, epoch: int, state: RunState, source: RecordSource,
     """Epoch index `epoch` (0-based; reported as `epoch + 1`): synthesis, then (after warm-up) KD steps
     and an evaluation. Returns its metrics."""
     warming_up = epoch < cfg.synthesis.warmup
-    synthesis_loss = synthesise(cfg, epoch, state, source, pool, warming_up)
+    synthesis_loss = synthesise(cfg, epoch, state, source, pool, warming_up, hooks)
     metrics: dict[str, Any] = {"epoch": epoch + 1, "phase": "warmup" if warming_up else "distill"}
     if not warming_up:
         hooks.before_kd(distiller)
@@ -221,7 +224,7 @@ def run_epoch(cfg: RunConfig, epoch: int, state: RunState, source: RecordSource,
 
 
 def synthesise(cfg: RunConfig, epoch: int, state: RunState, source: RecordSource, pool: SyntheticPool,
-               warming_up: bool) -> dict[str, float]:
+               warming_up: bool, hooks: EpochHooks) -> dict[str, float]:
     """This process's episodes of `epoch`: `gwp_loops` in warm-up, then `g_loops` per epoch or, with a
     synthesis budget, until this epoch's share of it is spent. Every episode counts in the tally (what was
     spent); those the source admits enter the pool. Returns the last episode's losses."""
@@ -245,6 +248,7 @@ def synthesise(cfg: RunConfig, epoch: int, state: RunState, source: RecordSource
         synthesis_loss = record.losses
         if admitted:
             pool.add(record)
+        hooks.after_episode(state, pool)
     return synthesis_loss
 
 

@@ -18,7 +18,7 @@ import muse.models  # noqa: F401  (registers our architectures with timm)
 from muse.config import ConfigError, RunConfig
 from muse.data import DatasetInfo, ImageSplits, iterate_batches
 from muse.distillation import cosine_schedule
-from muse.evaluate import accuracy
+from muse.evaluate import LARGE_TEST_SPLIT, topk_accuracy
 from muse.io import save_torch
 from muse.saved_models import TEACHER_FORMAT, load_classifier
 from muse.datasets import get_dataset
@@ -39,8 +39,8 @@ def train_supervised(model: nn.Module, splits: ImageSplits, epochs: int, batch_s
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_schedule(epochs * steps_per_epoch))
     flip = get_dataset(splits.info.name).flip_safe
     model.to(device).train()
-    bar = tqdm(range(epochs), desc=desc, unit="epoch", dynamic_ncols=True)
-    for _ in bar:
+    bar = tqdm(total=epochs * steps_per_epoch, desc=desc, unit="batch", dynamic_ncols=True)
+    for epoch in range(epochs):
         for images, labels in iterate_batches(splits.train, batch_size, shuffle=order):
             images = random_shift_flip(images.to(device), flip=flip)
             loss = F.cross_entropy(model(images), labels.to(device))
@@ -48,8 +48,11 @@ def train_supervised(model: nn.Module, splits: ImageSplits, epochs: int, batch_s
             loss.backward()
             optimizer.step()
             scheduler.step()
-        bar.set_postfix(loss=f"{loss.item():.3f}")
-    return accuracy(model, splits.test, device=device)
+            bar.update(1)
+            if bar.n % 20 == 0:  # .item() waits for the device: not at every batch
+                bar.set_postfix(epoch=f"{epoch + 1}/{epochs}", loss=f"{loss.item():.3f}")
+    bar.close()
+    return topk_accuracy(model, splits.test, (1,), device=device, progress=len(splits.test) >= LARGE_TEST_SPLIT)[1]
 
 
 def train_teacher(cfg: RunConfig, splits: ImageSplits, device: torch.device | str = "cpu") -> tuple[nn.Module, dict[str, Any]]:
