@@ -31,6 +31,7 @@ from muse.pool_files import EXPORT_FORMATS, export_pool, format_pool_summary, su
 from muse.runtime import resolve_device
 from muse.saved_models import load_classifier
 from muse.teacher import train_teacher
+from muse.tracking import ui_hint
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -97,9 +98,8 @@ def main(argv: list[str] | None = None) -> int:
             summary = run_distillation(cfg, resume_from=checkpoint, stop_after_epoch=args.stop_after_epoch)
             print(format_summary(summary))
             print(f"summary: {cfg.output_dir / 'summary.json'}")
-            if cfg.tracking.enabled and cfg.tracking.uri is None:
-                store = (cfg.output_dir / "mlflow.db").resolve()
-                print(f"mlflow: mlflow ui --backend-store-uri sqlite:///{store} --host 127.0.0.1")
+            if hint := ui_hint(cfg):
+                print(hint)
     except (ConfigError, DatasetError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -119,6 +119,21 @@ def run_tags(cfg: RunConfig) -> dict[str, str]:
     return tags
 
 
+def ui_hint(cfg: RunConfig, store_dir: Path | None = None) -> str | None:
+    """How to look at a run tracked to its local store: the `mlflow ui` command and the page that opens
+    on the experiment's runs table (the UI's model-training views; it defaults to its GenAI ones). None
+    for a tracking server (its address is the user's) or with tracking off."""
+    if not cfg.tracking.enabled or cfg.tracking.uri is not None:
+        return None
+    store = ((store_dir or cfg.output_dir) / "mlflow.db").resolve()
+    from mlflow.tracking import MlflowClient
+
+    experiment = MlflowClient(f"sqlite:///{store}").get_experiment_by_name(cfg.tracking.experiment)
+    page = f"#/experiments/{experiment.experiment_id}" if experiment else ""
+    return (f"mlflow: mlflow ui --backend-store-uri sqlite:///{store} --host 127.0.0.1 --port 5000\n"
+            f"        then open http://127.0.0.1:5000/{page}?workflowType=machine_learning")
+
+
 def _fail_fast() -> None:
     # MLflow retries an HTTP request 7 times with backoff, 120 s each, by default: a server that is down
     # would stall a run for minutes at every call. Set in every process that logs (Ray workers too).

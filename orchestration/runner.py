@@ -27,7 +27,7 @@ from muse.loop import SynthesisTally
 from muse.outputs import build_summary, save_outputs
 from muse.runtime import resolve_device
 from muse.teacher import ensure_teacher
-from muse.tracking import Tracker, create_tracker, finish_tracking, log_history
+from muse.tracking import Tracker, create_tracker, finish_tracking, log_history, ui_hint
 from orchestration.generator_actor import create_generator_actors, wait_until_ready
 from orchestration.train_loop import train_loop_per_worker
 from orchestration.weight_store import create_weight_store
@@ -184,4 +184,6 @@ def main(argv: list[str] | None = None) -> int:
             ray.shutdown()
     print(format_summary(summary))
     print(f"summary: {cfg.output_dir.resolve() / 'summary.json'}")
+    if hint := ui_hint(cfg):
+        print(hint)
     return 0

@@ -44,7 +44,7 @@ from muse.data import DatasetError, load_dataset
 from muse.io import atomic_write
 from muse.runtime import resolve_device
 from muse.teacher import ensure_teacher
-from muse.tracking import Tracker, create_tracker, reopen_tracker
+from muse.tracking import Tracker, create_tracker, reopen_tracker, ui_hint
 from orchestration.runner import connect
 from sweeps.spec import SweepSpec, load_sweep
 from sweeps.trial import run_trial
@@ -121,8 +121,8 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     if outcome.best_config:
         print(f"best: {outcome.best.trial} → {outcome.best_config}")
-    if base.tracking.enabled and base.tracking.uri is None:
-        print(f"mlflow: mlflow ui --backend-store-uri sqlite:///{outcome.directory / 'mlflow.db'} --host 127.0.0.1")
+    if hint := ui_hint(base, outcome.directory):
+        print(hint)
     return 0 if outcome.best else 1
 
 
