@@ -17,6 +17,7 @@ in its `checkpoint_manager_snapshot.json`; the single-process engine commits the
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -27,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from muse.config import ConfigError, RunConfig
+from muse.config import ConfigError, RunConfig, error_summary
 from muse.distillation import Distiller
 from muse.io import save_json
 from muse.loop import RunState, SynthesisTally
@@ -165,9 +166,24 @@ def commit_local_checkpoint(run_dir: Path, epoch: int, write: Callable[[Path], N
     return final
 
 
-def refuse_reused_output_dir(output_dir: Path) -> None:
-    """A fresh run must not write over an earlier run's outputs (nor, on Ray, silently continue it:
-    Ray Train restores a run from the snapshot in its folder)."""
+def prepare_output_dir(output_dir: Path, fresh: bool) -> None:
+    """At start-up, before any work: `output_dir` must be a folder this process can write (created if
+    missing), and a `fresh` run must not write over an earlier run's outputs (nor, on Ray, silently
+    continue it: Ray Train restores a run from the snapshot in its folder)."""
+    output_dir = Path(output_dir)
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        probe = output_dir / f".write-probe-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        raise ConfigError(f"output_dir {str(output_dir)!r} cannot be written ({error_summary(error)}): choose a "
+                          "folder you can write, e.g. output_dir=runs/NAME") from None
+    if fresh:
+        _refuse_reused(output_dir)
+
+
+def _refuse_reused(output_dir: Path) -> None:
     found = [name for name in (TRAIN_SNAPSHOT, LOCAL_POINTER, SUMMARY_FILE) if (Path(output_dir) / name).exists()]
     if found:
         raise ConfigError(f"output_dir {str(output_dir)!r} holds an earlier run ({', '.join(found)}); continue it "

@@ -22,7 +22,7 @@ import yaml
 
 from muse.commandline import (add_run_control_flags, add_tracking_flags, format_summary, run_config,
                               tracking_overrides)
-from muse.config import ConfigError, load_config, shipped_configs
+from muse.config import ConfigError, load_config, shipped_configs, typed_overrides
 from muse.data import DatasetError, load_dataset
 from muse.engine import run_distillation
 from muse.evaluate import topk_accuracy
@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "distill":
             cfg, checkpoint = run_config(args, tracking_overrides(args))
         else:
-            cfg, checkpoint = load_config(args.config, args.overrides), None
+            cfg, checkpoint = load_config(args.config, typed_overrides(args.overrides)), None
         if args.command == "show-config":
             print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
         elif args.command == "train-teacher":
@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
 def evaluate_checkpoint(checkpoint: Path, config: str | None, arch: str | None, overrides: list[str]) -> int:
     """Print the top-1 (and top-5 for 10 classes or more) of a saved classifier on a dataset's test split."""
     beside = checkpoint.parent / "config.yaml"
-    cfg = load_config(config or (str(beside) if beside.is_file() else "digits"), overrides)
+    cfg = load_config(config or (str(beside) if beside.is_file() else "digits"), typed_overrides(overrides))
     splits = load_dataset(cfg.data)
     saved = load_classifier(checkpoint, arch=arch, info=splits.info)
     info = splits.info

@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from muse.checkpoint import latest_checkpoint, read_saved_run
-from muse.config import ConfigError, RunConfig, load_config, parse_overrides, validate_config, with_overrides
+from muse.config import (ConfigError, RunConfig, load_config, parse_overrides, typed_overrides, validate_config,
+                         with_overrides)
 
 
 def add_tracking_flags(parser: argparse.ArgumentParser) -> None:
@@ -42,7 +43,7 @@ def run_config(args: argparse.Namespace, flags: list[str]) -> tuple[RunConfig, P
     """The config to run and, with `--resume DIR`, the checkpoint to continue from. A resumed run keeps
     its saved config: flags (tracking, placement) still apply, overrides are refused."""
     if args.resume is None:
-        return load_config(args.config, [*flags, *args.overrides]), None
+        return load_config(args.config, [*flags, *typed_overrides(args.overrides)]), None
     checkpoint = latest_checkpoint(args.resume)
     if args.overrides:
         raise ConfigError("--resume continues a run with its saved config; drop the overrides "

@@ -8,7 +8,9 @@ Every section validates itself where it is defined; unknown keys fail. A run con
 from __future__ import annotations
 
 import copy
+import difflib
 import os
+import re
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -63,8 +65,28 @@ class DataConfig(Section):
         return self
 
 
+def _device_name(name: str) -> str:
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", name):
+        raise ValueError("must be auto, cpu, cuda, cuda:N or mps")
+    return name
+
+
+def _registered_model(name: str) -> str:
+    """A timm model name, ours included; an unknown one is refused with the closest names."""
+    import timm
+
+    import muse.models  # noqa: F401  (registers our architectures with timm)
+
+    if not timm.is_model(name):
+        close = difflib.get_close_matches(name, timm.list_models(), n=3, cutoff=0.6)
+        hint = f"did you mean {', '.join(close)}?" if close else "see timm.list_models() or muse.models.MODEL_NAMES"
+        raise ValueError(f"{name!r} is not a timm model name; {hint}")
+    return name
+
+
 class TeacherConfig(Section):
     arch: str = Field("digits_cnn", description="timm model name (ours are registered by importing muse.models)")
+    _known_arch = field_validator("arch")(_registered_model)
     checkpoint: RunPath | None = Field(
         None, description="Teacher checkpoint; default <output_dir>/../teachers/<data>-<arch>.pt"
     )
@@ -77,6 +99,7 @@ class TeacherConfig(Section):
 
 class StudentConfig(Section):
     arch: str = "digits_cnn_half"
+    _known_arch = field_validator("arch")(_registered_model)
 
 
 class EmbeddingConfig(Section):
@@ -287,7 +310,7 @@ class TrackingConfig(Section):
 class RunConfig(Section):
     method: Literal["muse", "nayer"] = Field("muse", description="Preset applied under the file's values")
     seed: int = 0
-    device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
+    device: Annotated[str, AfterValidator(_device_name)] = Field("auto", description="auto | cpu | cuda | cuda:N | mps")
     output_dir: RunPath = Field(Path("runs/default"), validate_default=True)
     checkpoint_every: int = Field(
         5, ge=1, description="Checkpoint into output_dir every this many epochs (and at the last or stop epoch)")
@@ -304,6 +327,20 @@ class RunConfig(Section):
     pool: PoolConfig = Field(default_factory=PoolConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    @model_validator(mode="after")
+    def _runnable(self) -> RunConfig:
+        """What no single field shows: resolutions the student is evaluated at, and a run that synthesises."""
+        spec = DATASETS[self.data.name]
+        evaluation = self.data.resolution or spec.native_resolution
+        if max(self.resolution.set) > evaluation:
+            raise ValueError(f"resolution.set: {self.resolution.set} goes above the evaluation resolution "
+                             f"{evaluation} of {self.data.name!r}: synthesise at or below it (or raise "
+                             "data.resolution)")
+        if self.synthesis.warmup == 0 and self.synthesis.g_loops == 0 and self.budget.kind == "epochs":
+            raise ValueError("synthesis: warmup=0 and g_loops=0 synthesise nothing, so there is nothing "
+                             "to distil from: raise one of them (or give a budget)")
+        return self
 
     @property
     def total_epochs(self) -> int:
@@ -415,6 +452,16 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
     return parsed
 
 
+def typed_overrides(items: list[str]) -> list[str]:
+    """Overrides as a user typed them: a field given twice is refused (a later value would silently win;
+    code that layers overrides on purpose calls `load_config` directly)."""
+    keys = [item.partition("=")[0].strip() for item in items]
+    repeated = sorted({key for key in keys if keys.count(key) > 1})
+    if repeated:
+        raise ConfigError(f"{', '.join(repeated)} given twice on the command line; keep one value each")
+    return items
+
+
 def shipped_configs() -> list[str]:
     return sorted(p.name.removesuffix(".yaml") for p in resources.files("muse.configs").iterdir()
                   if p.name.endswith(".yaml"))
@@ -468,5 +515,8 @@ def _describe(error: ValidationError) -> str:
         reason = item["msg"].removeprefix("Value error, ")
         if item["type"] == "extra_forbidden":
             reason = "unknown field (check the spelling; `muse show-config` lists every field)"
-        lines.append(f"{field}: {reason} (got {item.get('input')!r})")
+        if item["loc"]:
+            lines.append(f"{field}: {reason} (got {item.get('input')!r})")
+        else:  # a check across fields: the message names them, the input is the whole config
+            lines.append(reason)
     return "invalid config:\n  " + "\n  ".join(lines)

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from muse.checkpoint import commit_local_checkpoint, refuse_reused_output_dir, restore, write_checkpoint
+from muse.checkpoint import commit_local_checkpoint, prepare_output_dir, restore, write_checkpoint
 from muse.config import RunConfig
 from muse.data import ImageSplits, load_dataset
 from muse.distillation import Distiller
@@ -69,8 +69,7 @@ def run_distillation(cfg: RunConfig, splits: ImageSplits | None = None, progress
     """Run (or, with `resume_from`, continue) warm-up and epochs in this process, through
     `stop_after_epoch` when given; write the student, the pool and `summary.json` to `cfg.output_dir`."""
     started = time.perf_counter()
-    if resume_from is None:
-        refuse_reused_output_dir(cfg.output_dir)
+    prepare_output_dir(cfg.output_dir, fresh=resume_from is None)
     parts = build_run(cfg, splits)
     source = LocalSynthesis(parts.synthesizer, parts.schedule, parts.distiller)
     if resume_from is not None:

@@ -83,6 +83,9 @@ def load_teacher(path: Path, arch: str, info: DatasetInfo) -> tuple[nn.Module, d
     """Load a teacher checkpoint written by `save_teacher`, or a plain state dict of `arch` (a user's
     file), and check it fits the run: architecture, class count, input channels, dataset."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"teacher checkpoint {str(path)!r} is a folder, not a checkpoint file: point "
+                          "teacher.checkpoint at the .pt file (or at a path to train and cache one at)")
     if not path.is_file():
         raise ConfigError(f"teacher checkpoint {str(path)!r} not found: train one with `muse train-teacher "
                           "--config ...`, set teacher.train_if_missing=true, or fix teacher.checkpoint")

@@ -19,7 +19,7 @@ import ray.train
 from ray.train import UserCallback
 from ray.train.torch import TorchTrainer
 
-from muse.checkpoint import read_ranks, read_saved_run, refuse_reused_output_dir
+from muse.checkpoint import prepare_output_dir, read_ranks, read_saved_run
 from muse.commandline import add_run_control_flags, add_tracking_flags, format_summary, run_config, tracking_overrides
 from muse.config import ConfigError, RunConfig
 from muse.data import DatasetError, DatasetInfo, load_dataset
@@ -105,8 +105,7 @@ def run(cfg: RunConfig, checkpoint: ray.train.Checkpoint | None = None, stop_aft
     `callbacks` are Ray Train callbacks (e.g. the Tune report callback of a sweep)."""
     started = time.perf_counter()
     cfg = cfg.model_copy(update={"output_dir": cfg.output_dir.resolve()})
-    if checkpoint is None:
-        refuse_reused_output_dir(cfg.output_dir)
+    prepare_output_dir(cfg.output_dir, fresh=checkpoint is None)
     splits = load_dataset(cfg.data)
     ensure_teacher(cfg, splits, resolve_device("cpu" if cfg.device == "auto" else cfg.device))
     owns_tracker = tracker is None

@@ -8,6 +8,8 @@ import torch
 
 from muse.config import ConfigError, ablation, ablation_names, load_config, parse_overrides, shipped_configs
 from muse.embeddings import label_embeddings
+from muse.runtime import resolve_device
+from muse.cli import main
 
 
 def test_shipped_configs_load_and_validate():
@@ -61,6 +63,11 @@ def test_relative_paths_are_taken_from_the_working_directory_at_load(tmp_path, m
     (["data.name=mnist"], "data.root is required for data.name='mnist'"),
     (["method=deepdream"], "method: unknown preset 'deepdream'"),
     (["loss.kr"], "override 'loss.kr' must look like section.field=value"),
+    (["teacher.arch=notamodel"], "teacher.arch: 'notamodel' is not a timm model name"),
+    (["student.arch=resnet81"], "student.arch: 'resnet81' is not a timm model name; did you mean resnet18"),
+    (["resolution.set=[8,4096]"], "resolution.set: [8, 4096] goes above the evaluation resolution 16 of 'digits'"),
+    (["synthesis.warmup=0", "synthesis.g_loops=0"], "synthesis: warmup=0 and g_loops=0 synthesise nothing"),
+    (["device=gpu"], "device: must be auto, cpu, cuda, cuda:N or mps"),
 ])
 def test_invalid_values_fail_with_the_field_and_reason(override, message):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("(", r"\(")):
@@ -118,3 +125,25 @@ def test_a_budget_names_its_amount():
         load_config("digits", ["budget.amount=5"])
     cfg = load_config("digits", ["budget.kind=seconds", "budget.amount=90"])
     assert (cfg.budget.kind, cfg.budget.amount) == ("seconds", 90.0)
+
+
+def test_a_field_typed_twice_is_refused(capsys):
+    assert main(["show-config", "--config", "digits", "seed=1", "loss.kr=1", "seed=2"]) == 2
+    assert "seed given twice on the command line; keep one value each" in capsys.readouterr().err
+    assert load_config("digits", ["seed=1", "seed=2"]).seed == 2  # layered in code on purpose: the last wins
+
+
+def test_a_device_this_machine_lacks_is_refused_at_start_up(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match="device='cuda:1' but this machine has no CUDA device: use device=auto"):
+        resolve_device("cuda:1")
+    assert resolve_device("auto") == torch.device("cpu") and resolve_device("cpu") == torch.device("cpu")
+
+
+def test_an_output_dir_that_cannot_be_written_is_refused_before_any_work(tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    assert main(["distill", "--config", "digits", f"output_dir={blocker / 'run'}", "--no-tracking"]) == 2
+    err = capsys.readouterr().err
+    assert f"output_dir '{blocker / 'run'}' cannot be written" in err and "choose a folder you can write" in err
+    assert not (tmp_path / "teachers").exists()  # refused before the teacher was trained

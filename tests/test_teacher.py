@@ -83,3 +83,8 @@ def test_the_same_config_trains_the_same_teacher(tmp_path, digits_splits):
     second, _ = train_teacher(cfg, digits_splits)
     for name, value in first.state_dict().items():
         assert torch.equal(value, second.state_dict()[name]), name
+
+
+def test_a_folder_given_as_the_teacher_is_named_as_such(tmp_path, digits_splits):
+    with pytest.raises(ConfigError, match="is a folder, not a checkpoint file"):
+        load_teacher(tmp_path, "digits_cnn", digits_splits.info)
