@@ -20,11 +20,11 @@ from pathlib import Path
 
 import yaml
 
-from muse.commandline import (add_run_control_flags, add_tracking_flags, format_summary, run_config,
-                              tracking_overrides)
+from muse.commandline import (add_run_control_flags, add_tracking_flags, format_summary, interrupted_message,
+                              run_config, tracking_overrides)
 from muse.config import ConfigError, load_config, shipped_configs, typed_overrides
 from muse.data import DatasetError, load_dataset
-from muse.engine import run_distillation
+from muse.engine import RunInterrupted, run_distillation
 from muse.evaluate import topk_accuracy
 from muse.export import FORMATS, export_student, load_snippet
 from muse.pool_files import EXPORT_FORMATS, export_pool, format_pool_summary, summarize_pool
@@ -95,7 +95,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"teacher {meta['arch']} on {meta['dataset']}: test top-1 {meta['test_acc']:.2f}% "
                   f"→ {cfg.teacher_checkpoint}")
         else:
-            summary = run_distillation(cfg, resume_from=checkpoint, stop_after_epoch=args.stop_after_epoch)
+            try:
+                summary = run_distillation(cfg, resume_from=checkpoint, stop_after_epoch=args.stop_after_epoch)
+            except RunInterrupted as stop:
+                print(interrupted_message(cfg, stop.summary), file=sys.stderr)
+                return 130
             print(format_summary(summary))
             print(f"summary: {cfg.output_dir / 'summary.json'}")
             if hint := ui_hint(cfg):
@@ -103,6 +107,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DatasetError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # before or after the epochs (inside them the run saves what it has)
+        print(f"interrupted: muse {args.command} stopped before it finished", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -14,8 +14,8 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from muse.checkpoint import commit_local_checkpoint, prepare_output_dir, restore, write_checkpoint
-from muse.config import RunConfig
+from muse.checkpoint import commit_local_checkpoint, latest_checkpoint, prepare_output_dir, restore, write_checkpoint
+from muse.config import ConfigError, RunConfig
 from muse.data import ImageSplits, load_dataset
 from muse.distillation import Distiller
 from muse.embeddings import label_embeddings
@@ -83,20 +83,43 @@ def run_distillation(cfg: RunConfig, splits: ImageSplits | None = None, progress
     try:
         log_history(tracker, state.history)  # a resumed run's MLflow run starts with the epochs before it
         hooks = EngineHooks(parts, source, tracker, teacher_acc, state, progress)
+        interrupted = False
         try:
             run_epochs(cfg, state, source, parts.distiller, parts.pool, hooks.evaluate, hooks, stop_after_epoch)
+        except KeyboardInterrupt:  # Ctrl+C: keep the student so far; the committed checkpoints stay as they are
+            interrupted = True
         finally:
             hooks.close()
         summary = build_summary(cfg, teacher_acc=teacher_acc, history=state.history, tally=state.tally,
                                 wall_s=time.perf_counter() - started, loop_s=state.loop_s, kd_steps=state.kd_steps,
                                 episodes=state.episodes, epochs_done=state.epoch)
+        if interrupted:
+            summary["interrupted"] = {"after_epoch": state.epoch, "resume_from": _latest_checkpoint_name(cfg)}
         parts.pool.save(cfg.pool_directory)
         save_outputs(cfg, summary, parts.student.state_dict(), parts.splits.info)
-    except BaseException:
-        tracker.finish([], status="FAILED")
+    except BaseException as error:
+        tracker.finish([], status="KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED")
         raise
+    if interrupted:
+        finish_tracking(tracker, cfg, summary, step=state.epoch, status="KILLED")
+        raise RunInterrupted(summary)
     finish_tracking(tracker, cfg, summary, step=state.epoch)
     return summary
+
+
+class RunInterrupted(Exception):
+    """Ctrl+C stopped a run; its student so far and a summary marked `interrupted` are saved."""
+
+    def __init__(self, summary: dict[str, Any]) -> None:
+        super().__init__(f"interrupted after epoch {summary['epochs_done']}")
+        self.summary = summary
+
+
+def _latest_checkpoint_name(cfg: RunConfig) -> str | None:
+    try:
+        return latest_checkpoint(cfg.output_dir).name
+    except ConfigError:  # stopped before its first checkpoint
+        return None
 
 
 class EngineHooks(EpochHooks):

@@ -342,7 +342,8 @@ def epoch_metrics(entry: dict[str, Any], tally: SynthesisTally) -> dict[str, flo
     return metrics
 
 
-def finish_tracking(tracker: Tracker, cfg: RunConfig, summary: dict[str, Any], step: int) -> None:
+def finish_tracking(tracker: Tracker, cfg: RunConfig, summary: dict[str, Any], step: int,
+                    status: str = "FINISHED") -> None:
     """Close a run's MLflow run: any evaluated epoch it lacks, final and best accuracy, the accuracy
     curve, and the output files."""
     from muse.outputs import OUTPUT_FILES
@@ -355,4 +356,4 @@ def finish_tracking(tracker: Tracker, cfg: RunConfig, summary: dict[str, Any], s
     for x in ("pixels", "synthesis_s"):  # accuracy per unit of synthesis compute
         tracker.log_accuracy_curves({"student": summary["history"]}, summary["teacher_acc"], title,
                                     artifact=f"accuracy_vs_{x}.png", x=x)
-    tracker.finish([cfg.output_dir / name for name in OUTPUT_FILES])
+    tracker.finish([cfg.output_dir / name for name in OUTPUT_FILES], status=status)
