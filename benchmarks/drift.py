@@ -111,7 +111,8 @@ def main() -> None:
     parser.add_argument("--lag", type=int, default=5, help="epochs back for lagged_bn")
     parser.add_argument("--ema", type=float, default=0.99, help="EMA decay per KD step for ema_pool_bn")
     parser.add_argument("--tail", type=int, default=10)
-    parser.add_argument("--teacher", type=Path, default=Path("runs/teachers/digits-digits_cnn.pt"))
+    parser.add_argument("--teacher", type=Path, default=Path("runs/bench-drift/teacher.pt"),
+                        help="one teacher for every seed (trained here with seed 0 if missing)")
     parser.add_argument("--json", type=Path)
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()

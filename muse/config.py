@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import copy
 import difflib
+import hashlib
+import json
 import os
 import re
 from importlib import resources
@@ -88,7 +90,8 @@ class TeacherConfig(Section):
     arch: str = Field("digits_cnn", description="timm model name (ours are registered by importing muse.models)")
     _known_arch = field_validator("arch")(_registered_model)
     checkpoint: RunPath | None = Field(
-        None, description="Teacher checkpoint; default <output_dir>/../teachers/<data>-<arch>.pt"
+        None, description="Teacher checkpoint; default <output_dir>/../teachers/<data>-<arch>-<key>.pt, the "
+        "key a hash of everything that defines the teacher (data, root, resolution, training settings, seed)"
     )
     train_if_missing: bool = Field(True, description="Train and cache the teacher when the checkpoint is absent")
     epochs: int = Field(30, ge=1)
@@ -349,9 +352,14 @@ class RunConfig(Section):
 
     @property
     def teacher_checkpoint(self) -> Path:
+        """`teacher.checkpoint`, or the cache file of the teacher this config trains: another dataset root,
+        resolution, training setting or seed is another file, never a stale teacher."""
         if self.teacher.checkpoint is not None:
             return self.teacher.checkpoint
-        return self.output_dir.parent / "teachers" / f"{self.data.name}-{self.teacher.arch}.pt"
+        defining = {"data": self.data.model_dump(mode="json", exclude={"eval_batch_size"}), "seed": self.seed,
+                    "teacher": self.teacher.model_dump(mode="json", exclude={"checkpoint", "train_if_missing"})}
+        key = hashlib.sha256(json.dumps(defining, sort_keys=True).encode()).hexdigest()[:10]
+        return self.output_dir.parent / "teachers" / f"{self.data.name}-{self.teacher.arch}-{key}.pt"
 
     @property
     def pool_directory(self) -> Path:

@@ -147,3 +147,15 @@ def test_an_output_dir_that_cannot_be_written_is_refused_before_any_work(tmp_pat
     err = capsys.readouterr().err
     assert f"output_dir '{blocker / 'run'}' cannot be written" in err and "choose a folder you can write" in err
     assert not (tmp_path / "teachers").exists()  # refused before the teacher was trained
+
+
+def test_the_teacher_cache_is_keyed_by_everything_that_defines_the_teacher(tmp_path):
+    base = load_config("mnist", ["data.root=/data/mnist", f"output_dir={tmp_path}/run"])
+    same = load_config("mnist", ["data.root=/data/mnist", f"output_dir={tmp_path}/other", "distill.epochs=3",
+                                 "data.eval_batch_size=64"])
+    assert same.teacher_checkpoint == base.teacher_checkpoint  # nothing that trains the teacher changed
+    assert base.teacher_checkpoint.parent == tmp_path / "teachers"
+    for change in ("data.root=/elsewhere", "data.resolution=64", "teacher.epochs=3", "teacher.lr=0.01", "seed=1"):
+        other = load_config("mnist", ["data.root=/data/mnist", f"output_dir={tmp_path}/run", change])
+        assert other.teacher_checkpoint != base.teacher_checkpoint, change
+        assert other.teacher_checkpoint.name.startswith("mnist-lenet5-")
