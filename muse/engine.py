@@ -26,7 +26,7 @@ from muse.pool import SyntheticPool
 from muse.runtime import resolve_device
 from muse.schedules import ResolutionSchedule
 from muse.student import StudentNet
-from muse.synthesis import Synthesizer
+from muse.synthesis import Synthesizer, applicable_key_region
 from muse.teacher import ensure_teacher
 from muse.tracking import Tracker, create_tracker, epoch_metrics, finish_tracking, log_history
 
@@ -57,6 +57,7 @@ def build_run(cfg: RunConfig, splits: ImageSplits | None = None) -> RunParts:
     info = splits.info
     teacher, meta = ensure_teacher(cfg, splits, device)
     teacher.to(device)
+    cfg = applicable_key_region(cfg, teacher, info.in_chans, info.resolution)
     embeddings = label_embeddings(cfg.embedding, teacher, info.num_classes, cfg.seed)
     distiller = build_distiller(cfg, info, teacher, embeddings, device)
     synthesizer = Synthesizer(cfg, teacher, embeddings, info.in_chans, info.mean, info.std, info.resolution, device)
@@ -71,6 +72,7 @@ def run_distillation(cfg: RunConfig, splits: ImageSplits | None = None, progress
     started = time.perf_counter()
     prepare_output_dir(cfg.output_dir, fresh=resume_from is None)
     parts = build_run(cfg, splits)
+    cfg = parts.cfg  # as the teacher allows (see `applicable_key_region`)
     source = LocalSynthesis(parts.synthesizer, parts.schedule, parts.distiller)
     if resume_from is not None:
         state, saved, _ = restore(resume_from, 0, parts.distiller, parts.pool)

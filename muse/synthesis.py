@@ -8,6 +8,7 @@ EMA, RNG) and returns a `SynthesisRecord` of plain numpy arrays, so a Ray actor 
 from __future__ import annotations
 
 import copy
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from muse.config import RunConfig
+from muse.config import ConfigError, RunConfig
 from muse.datasets import get_dataset
 from muse.generator import NoisyLayerGenerator, class_cycle
 from muse.losses import BNStatisticsLoss, adversarial_loss, embedding_distance_loss, key_region_loss
@@ -25,6 +26,31 @@ from muse.models import classifier_weight, features_and_logits, supports_cam
 from muse.student import StudentNet
 from muse.transforms import model_input, random_shift_flip
 
+
+
+def applicable_key_region(cfg: RunConfig, teacher: nn.Module, in_chans: int, evaluation_resolution: int) -> RunConfig:
+    """`cfg`, with MUSE's key-region term switched off (and a warning saying why) when the teacher cannot
+    give it a class activation map: no linear classifier directly over its pooled last feature map
+    (LeNet-5, ViT, ConvNeXt, MobileNetV3), or a last feature map under 2×2 at the smallest size it sees
+    (e.g. a ResNet-18 at 16 px), where "where the evidence lies" has no meaning."""
+    if cfg.loss.kr == 0:
+        return cfg
+    if not supports_cam(teacher):
+        reason = (f"teacher {cfg.teacher.arch!r} has no class activation map (its classifier is not one linear "
+                  "layer over the average-pooled last feature map)")
+    else:
+        size = min(cfg.resolution.set) if cfg.resolution.teacher_input == "native" else evaluation_resolution
+        device = next(teacher.parameters()).device
+        was_training = teacher.training
+        with torch.no_grad():
+            height, width = teacher.eval().forward_features(torch.zeros(1, in_chans, size, size, device=device)).shape[-2:]
+        teacher.train(was_training)
+        if height * width >= 4:
+            return cfg
+        reason = (f"teacher {cfg.teacher.arch!r} has a {height}×{width} last feature map at {size} px, too small "
+                  "for a key region")
+    print(f"warning: loss.kr={cfg.loss.kr} switched off (loss.kr=0): {reason}", file=sys.stderr)
+    return cfg.model_copy(update={"loss": cfg.loss.model_copy(update={"kr": 0.0})})
 
 @dataclass
 class SynthesisRecord:
@@ -74,9 +100,9 @@ class Synthesizer:
         self.eval_resolution = eval_resolution
         self.flip = get_dataset(cfg.data.name).flip_safe
         self.num_classes = embeddings.shape[0]
-        if cfg.loss.kr > 0 and not supports_cam(self.teacher):
-            raise ValueError(f"loss.kr > 0 needs a CAM, but teacher {cfg.teacher.arch!r} has no linear classifier "
-                             "directly over its pooled feature map; set loss.kr=0")
+        if cfg.loss.kr > 0 and not supports_cam(self.teacher):  # runners apply `applicable_key_region` first
+            raise ConfigError(f"loss.kr > 0 needs a CAM, but teacher {cfg.teacher.arch!r} has no linear classifier "
+                              "directly over its pooled feature map; set loss.kr=0")
         self.class_weight = classifier_weight(self.teacher).detach() if cfg.loss.kr > 0 else None
         self.bn_loss = BNStatisticsLoss(self.teacher, cfg.loss.bn_momentum)
         self.rng = torch.Generator().manual_seed(cfg.seed)

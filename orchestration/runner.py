@@ -26,6 +26,7 @@ from muse.data import DatasetError, DatasetInfo, load_dataset
 from muse.loop import SynthesisTally
 from muse.outputs import build_summary, save_outputs
 from muse.runtime import resolve_device
+from muse.synthesis import applicable_key_region
 from muse.teacher import ensure_teacher
 from muse.tracking import Tracker, create_tracker, finish_tracking, log_history, ui_hint
 from orchestration.generator_actor import create_generator_actors, wait_until_ready
@@ -107,7 +108,8 @@ def run(cfg: RunConfig, checkpoint: ray.train.Checkpoint | None = None, stop_aft
     cfg = cfg.model_copy(update={"output_dir": cfg.output_dir.resolve()})
     prepare_output_dir(cfg.output_dir, fresh=checkpoint is None)
     splits = load_dataset(cfg.data)
-    ensure_teacher(cfg, splits, resolve_device("cpu" if cfg.device == "auto" else cfg.device))
+    teacher, _ = ensure_teacher(cfg, splits, resolve_device("cpu" if cfg.device == "auto" else cfg.device))
+    cfg = applicable_key_region(cfg, teacher, splits.info.in_chans, splits.info.resolution)
     owns_tracker = tracker is None
     if tracker is None:
         tracker = create_tracker(cfg)  # an unreachable tracking server fails here, before any work

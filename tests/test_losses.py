@@ -3,9 +3,12 @@
 import math
 
 import pytest
+import timm
 import torch
 from torch import nn
 
+from muse.config import load_config
+from muse.synthesis import applicable_key_region
 from muse.losses import (
     BNStatisticsLoss,
     adversarial_loss,
@@ -99,3 +102,18 @@ def test_embedding_distance_loss_by_hand():
     labels = torch.tensor([0, 1])
     # distances² 0 and 2; radius 0.5 → relu(-0.5)=0 and 1.5, mean 0.75
     assert embedding_distance_loss(embeddings, anchors, labels, radius=0.5).item() == pytest.approx(0.75)
+
+
+@pytest.mark.parametrize("arch, in_chans, overrides, kept", [
+    ("digits_cnn", 1, [], True),  # 8×8 map at 16 px
+    ("lenet5", 1, ["teacher.arch=lenet5", "student.arch=lenet5_half"], False),  # an MLP head: no CAM
+    ("resnet18", 1, ["teacher.arch=resnet18"], False),  # a 1×1 map at 16 px
+])
+def test_the_key_region_term_is_switched_off_where_the_teacher_has_no_usable_cam(arch, in_chans, overrides, kept, capsys):
+    cfg = load_config("digits", ["loss.kr=0.5", *overrides])
+    teacher = timm.create_model(arch, num_classes=10, in_chans=in_chans)
+    checked = applicable_key_region(cfg, teacher, in_chans, 16)
+    assert checked.loss.kr == (0.5 if kept else 0.0)
+    assert checked.loss.model_dump(exclude={"kr"}) == cfg.loss.model_dump(exclude={"kr"})
+    err = capsys.readouterr().err
+    assert ("switched off" in err) == (not kept)
