@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import re
+import sys
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -461,12 +462,14 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
 
 
 def typed_overrides(items: list[str]) -> list[str]:
-    """Overrides as a user typed them: a field given twice is refused (a later value would silently win;
-    code that layers overrides on purpose calls `load_config` directly)."""
-    keys = [item.partition("=")[0].strip() for item in items]
-    repeated = sorted({key for key in keys if keys.count(key) > 1})
-    if repeated:
-        raise ConfigError(f"{', '.join(repeated)} given twice on the command line; keep one value each")
+    """Overrides as a user typed them: the last value of a field given more than once wins, as in every
+    layered config, and a warning names it (scripts layer overrides on purpose; a person rarely does)."""
+    last: dict[str, str] = {}
+    for item in items:
+        key, _, value = item.partition("=")
+        if key.strip() in last:
+            print(f"warning: {key.strip()} is given more than once; the last value ({value}) is used", file=sys.stderr)
+        last[key.strip()] = value
     return items
 
 
