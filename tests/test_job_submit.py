@@ -304,7 +304,7 @@ def test_an_interrupted_sweep_continues_with_resume(head, auth_token, tmp_path, 
     assert len(children) == 2 and {c.info.status for c in children} == {"FINISHED"}
     for child in children:
         steps = {m.step for m in client.get_metric_history(child.info.run_id, "student_acc")}
-        assert steps == {2, 3, 4, 5}, child.info.run_name  # warm-up epochs 0-1, then 4 evaluations
+        assert steps == {3, 4, 5, 6}, child.info.run_name  # warm-up epochs 1-2, then 4 evaluations
     # The table and results.csv take each trial's curve from its summary: every evaluation, including those
     # whose reports to Tune were in flight at the stop.
     summary = json.loads((root / "trials" / interrupted / "segment-01" / "summary.json").read_text())
