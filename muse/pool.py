@@ -8,6 +8,7 @@ and losses in the file's metadata), so a pool survives a restart and reloads bit
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -132,9 +133,15 @@ class SyntheticPool:
         if not directory.is_dir():
             raise FileNotFoundError(f"pool directory {str(directory)!r} does not exist")
         pool = cls(capacity)
-        for path in sorted(directory.glob("shard-*.parquet")):
-            pool.add(table_to_record(pq.read_table(path)))
+        for record in read_shards(directory):
+            pool.add(record)
         return pool
+
+
+def read_shards(directory: Path) -> Iterator[SynthesisRecord]:
+    """The records of a pool folder's shards, oldest first, read one shard at a time."""
+    for path in sorted(Path(directory).glob("shard-*.parquet")):
+        yield table_to_record(pq.read_table(path))
 
 
 def record_to_table(record: SynthesisRecord) -> pa.Table:

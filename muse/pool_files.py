@@ -27,8 +27,7 @@ import torch
 from PIL import Image
 
 from muse.config import ConfigError
-from muse.pool import table_to_record
-from muse.synthesis import SynthesisRecord
+from muse.pool import read_shards
 
 EXPORT_FORMATS = ("imagefolder", "parquet")
 _ROWS_PER_FILE = 10_000  # Parquet files of the HF layout; datasets reads them as one split
@@ -56,11 +55,6 @@ def class_names(path: Path, num_classes: int) -> list[str]:
     return [f"{index:0{width}d}" for index in range(num_classes)]
 
 
-def records(directory: Path) -> Iterator[SynthesisRecord]:
-    for shard in sorted(directory.glob("shard-*.parquet")):
-        yield table_to_record(pq.read_table(shard))
-
-
 def summarize_pool(path: Path) -> dict[str, Any]:
     """Shards, images and pixels per resolution, and images per class, of a pool."""
     directory = pool_directory(path)
@@ -68,7 +62,7 @@ def summarize_pool(path: Path) -> dict[str, Any]:
     per_class: Counter[int] = Counter()
     shards = 0
     num_classes = 0
-    for record in records(directory):
+    for record in read_shards(directory):
         shards += 1
         per_resolution[record.resolution] += len(record)
         per_class.update(record.labels.tolist())
@@ -111,7 +105,7 @@ def export_pool(path: Path, fmt: str, out: Path) -> dict[str, int]:
 
 def _rows(directory: Path) -> Iterator[tuple[np.ndarray, int, np.ndarray, int, str]]:
     """(HWC uint8 image, label, teacher logits, resolution, file name) for every image of the pool."""
-    for record in records(directory):
+    for record in read_shards(directory):
         images = record.images
         if images.dtype != np.uint8:  # float16 pools hold [0, 1] pixels
             images = np.clip(np.rint(images.astype(np.float32) * 255), 0, 255).astype(np.uint8)
@@ -125,7 +119,7 @@ def _png(image_hwc: np.ndarray) -> Image.Image:
 
 
 def _num_classes(directory: Path) -> int:
-    first = next(records(directory))
+    first = next(read_shards(directory))
     return first.teacher_logits.shape[1]
 
 
