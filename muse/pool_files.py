@@ -96,7 +96,7 @@ def export_pool(path: Path, fmt: str, out: Path) -> dict[str, int]:
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         write = _write_imagefolder if fmt == "imagefolder" else _write_hf_parquet
-        counts = write(path, directory, staging)
+        counts = write(directory, class_names(path, _num_classes(directory)), staging)
         staging.rename(out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -123,8 +123,7 @@ def _num_classes(directory: Path) -> int:
     return first.teacher_logits.shape[1]
 
 
-def _write_imagefolder(path: Path, directory: Path, out: Path) -> dict[str, int]:
-    names = class_names(path, _num_classes(directory))
+def _write_imagefolder(directory: Path, names: list[str], out: Path) -> dict[str, int]:
     counts: Counter[str] = Counter()
     for image, label, _, _, file_name in _rows(directory):
         folder = out / names[label]
@@ -134,9 +133,7 @@ def _write_imagefolder(path: Path, directory: Path, out: Path) -> dict[str, int]
     return dict(counts)
 
 
-def _write_hf_parquet(path: Path, directory: Path, out: Path) -> dict[str, int]:
-    num_classes = _num_classes(directory)
-    names = class_names(path, num_classes)
+def _write_hf_parquet(directory: Path, names: list[str], out: Path) -> dict[str, int]:
     features = {
         "image": {"_type": "Image"},
         "label": {"names": names, "_type": "ClassLabel"},
