@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -82,8 +83,15 @@ def write_checkpoint(directory: Path, rank: int, cfg: RunConfig, state: RunState
 
 def read_saved_run(directory: Path) -> SavedRun:
     path = Path(directory) / STATE_FILE
-    saved = torch.load(path, map_location="cpu", weights_only=True)
-    if saved.get("format") != FORMAT:
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise ConfigError(f"checkpoint {str(directory)!r} has no {STATE_FILE}: it is not a muse-ray checkpoint "
+                          "folder, or it was not written to the end") from None
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as error:  # truncated or corrupt
+        raise ConfigError(f"{path} cannot be read ({error_summary(error)}): it is truncated or damaged, so the run "
+                          "cannot continue from it; start it again with --overwrite, or into a new output_dir") from None
+    if not isinstance(saved, dict) or saved.get("format") != FORMAT:
         raise ConfigError(f"{path} is not a muse-ray run checkpoint of format {FORMAT!r} (it says "
                           f"{saved.get('format')!r}); resume it with the muse-ray version that wrote it")
     return SavedRun(saved["config"], int(saved["epoch"]), saved["distiller"], saved["generators"],
@@ -108,7 +116,9 @@ def restore(directory: Path, rank: int, distiller: Distiller,
     torch.set_rng_state(saved.torch_rng)
     shards = directory / f"pool-rank{rank}"
     if shards.is_dir():
-        for record in SyntheticPool.load(shards, pool.capacity).records:
+        loaded = SyntheticPool.load(shards, pool.capacity)
+        pool.run_id = loaded.run_id  # a resumed run goes on writing its shards under its own id
+        for record in loaded.records:
             pool.add(record)
     state = RunState.fresh(saved.config["seed"], rank)
     state.epoch, state.kd_steps, state.history = saved.epoch, saved.kd_steps, saved.history
@@ -166,10 +176,10 @@ def commit_local_checkpoint(run_dir: Path, epoch: int, write: Callable[[Path], N
     return final
 
 
-def prepare_output_dir(output_dir: Path, fresh: bool) -> None:
+def prepare_output_dir(output_dir: Path, fresh: bool, overwrite: bool = False) -> None:
     """At start-up, before any work: `output_dir` must be a folder this process can write (created if
     missing), and a `fresh` run must not write over an earlier run's outputs (nor, on Ray, silently
-    continue it: Ray Train restores a run from the snapshot in its folder)."""
+    continue it: Ray Train restores a run from the snapshot in its folder), unless `overwrite` deletes them."""
     output_dir = Path(output_dir)
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -179,12 +189,29 @@ def prepare_output_dir(output_dir: Path, fresh: bool) -> None:
     except OSError as error:
         raise ConfigError(f"output_dir {str(output_dir)!r} cannot be written ({error_summary(error)}): choose a "
                           "folder you can write, e.g. output_dir=runs/NAME") from None
-    if fresh:
+    if fresh and overwrite:
+        delete_earlier_run(output_dir)
+    elif fresh:
         _refuse_reused(output_dir)
+
+
+def delete_earlier_run(output_dir: Path) -> list[Path]:
+    """Delete what a run leaves in `output_dir` (outputs, checkpoints, pointers, the default pool folder);
+    its MLflow runs stay in the store, and nothing else in the folder is touched. Returns what was deleted."""
+    from muse.outputs import OUTPUT_FILES
+
+    output_dir = Path(output_dir)
+    names = [*OUTPUT_FILES, TRAIN_SNAPSHOT, LOCAL_POINTER, ".validate_storage_marker", "pool"]
+    doomed = [output_dir / n for n in names if (output_dir / n).exists()]
+    doomed += sorted(p for p in output_dir.glob("checkpoint_*") if p.is_dir())
+    for path in doomed:
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    return doomed
 
 
 def _refuse_reused(output_dir: Path) -> None:
     found = [name for name in (TRAIN_SNAPSHOT, LOCAL_POINTER, SUMMARY_FILE) if (Path(output_dir) / name).exists()]
     if found:
         raise ConfigError(f"output_dir {str(output_dir)!r} holds an earlier run ({', '.join(found)}); continue it "
-                          "with --resume, or give a new output_dir")
+                          "with --resume, start it again with --overwrite (deletes its outputs and checkpoints), "
+                          "or give a new output_dir")

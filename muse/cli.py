@@ -21,7 +21,7 @@ from pathlib import Path
 import yaml
 
 from muse.commandline import (add_run_control_flags, add_tracking_flags, format_summary, interrupted_message,
-                              run_config, tracking_overrides)
+                              parse_command_line, run_config, tracking_overrides)
 from muse.config import ConfigError, load_config, shipped_configs, typed_overrides
 from muse.data import DatasetError, load_dataset
 from muse.engine import RunInterrupted, run_distillation
@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     pool_export.add_argument("path", type=Path, help="a run's output_dir or its pool folder")
     pool_export.add_argument("--format", choices=EXPORT_FORMATS, default="imagefolder")
     pool_export.add_argument("--out", type=Path, required=True, help="a new folder to write")
-    args = parser.parse_args(argv)
+    args = parse_command_line(parser, argv)
     try:
         if args.command == "evaluate":
             return evaluate_checkpoint(args.checkpoint, args.config, args.arch, args.overrides)
@@ -96,7 +96,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"→ {cfg.teacher_checkpoint}")
         else:
             try:
-                summary = run_distillation(cfg, resume_from=checkpoint, stop_after_epoch=args.stop_after_epoch)
+                summary = run_distillation(cfg, resume_from=checkpoint, stop_after_epoch=args.stop_after_epoch,
+                                           overwrite=args.overwrite)
             except RunInterrupted as stop:
                 print(interrupted_message(cfg, stop.summary), file=sys.stderr)
                 return 130

@@ -13,6 +13,19 @@ from muse.config import (ConfigError, RunConfig, load_config, parse_overrides, t
                          with_overrides)
 
 
+def parse_command_line(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """`parser.parse_args(argv)`, except that overrides (`key=value`) may also follow flags, as in
+    `seed=1 --no-tracking loss.kr=0`: argparse takes one run of positionals and would blame `loss.kr=0`."""
+    args, extra = parser.parse_known_args(argv)
+    overrides = [a for a in extra if "=" in a and not a.startswith("-")]
+    unknown = [a for a in extra if a not in overrides]
+    if unknown or (overrides and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(unknown or overrides)}")
+    if overrides:
+        args.overrides = [*args.overrides, *overrides]
+    return args
+
+
 def add_tracking_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mlflow-uri", metavar="URI",
                         help="MLflow tracking server, e.g. http://127.0.0.1:5000 (default: an sqlite store in output_dir)")
@@ -34,6 +47,9 @@ def tracking_overrides(args: argparse.Namespace) -> list[str]:
 def add_run_control_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", type=Path, metavar="DIR",
                         help="continue the run in DIR (its output_dir) from its latest committed checkpoint")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start afresh in an output_dir that holds an earlier run: its outputs, checkpoints "
+                             "and pool are deleted first (its MLflow runs stay in the store)")
     parser.add_argument("--stop-after-epoch", type=_positive_int, metavar="N",
                         help="checkpoint and stop once N epochs (warm-up included; epochs count from 1) are "
                              "done: a staged run")
@@ -42,6 +58,8 @@ def add_run_control_flags(parser: argparse.ArgumentParser) -> None:
 def run_config(args: argparse.Namespace, flags: list[str]) -> tuple[RunConfig, Path | None]:
     """The config to run and, with `--resume DIR`, the checkpoint to continue from. A resumed run keeps
     its saved config: flags (tracking, placement) still apply, overrides are refused."""
+    if args.resume is not None and getattr(args, "overwrite", False):
+        raise ConfigError("--resume continues a run and --overwrite deletes it: give one of them")
     if args.resume is None:
         return load_config(args.config, [*flags, *typed_overrides(args.overrides)]), None
     checkpoint = latest_checkpoint(args.resume)

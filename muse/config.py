@@ -296,6 +296,9 @@ class RayConfig(Section):
         description="ray.init address: None joins the job's cluster when run under `ray job submit`, "
         "else starts a local one; 'local' always starts a new local cluster; 'auto' or host:port joins one",
     )
+    connect_timeout_s: float = Field(
+        30.0, gt=0, description="Seconds to reach the cluster at ray.address / RAY_ADDRESS before the run stops "
+        "with an error (Ray itself would retry for minutes)")
     generators: GeneratorsConfig = Field(default_factory=GeneratorsConfig)
     train: TrainWorkersConfig = Field(default_factory=TrainWorkersConfig)
     feed: FeedConfig = Field(default_factory=FeedConfig)
@@ -309,6 +312,8 @@ class TrackingConfig(Section):
     uri: str | None = Field(None, description="Tracking URI; default sqlite:///<output_dir>/mlflow.db")
     experiment: str = Field("muse", min_length=1, description="MLflow experiment name")
     required: bool = Field(True, description="false: an unreachable store only warns and the run goes on untracked")
+    timeout_s: int = Field(10, ge=1, le=300, description="Seconds an MLflow server may take to answer a request "
+                           "before the store counts as unreachable (MLFLOW_HTTP_REQUEST_TIMEOUT)")
 
 
 class RunConfig(Section):

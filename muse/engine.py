@@ -28,7 +28,7 @@ from muse.schedules import ResolutionSchedule
 from muse.student import StudentNet
 from muse.synthesis import Synthesizer, applicable_key_region
 from muse.teacher import ensure_teacher
-from muse.tracking import Tracker, create_tracker, epoch_metrics, finish_tracking, log_history
+from muse.tracking import Tracker, check_store, create_tracker, epoch_metrics, finish_tracking, log_history
 
 
 @dataclass
@@ -66,11 +66,14 @@ def build_run(cfg: RunConfig, splits: ImageSplits | None = None) -> RunParts:
 
 
 def run_distillation(cfg: RunConfig, splits: ImageSplits | None = None, progress: bool = True, *,
-                     resume_from: Path | None = None, stop_after_epoch: int | None = None) -> dict[str, Any]:
+                     resume_from: Path | None = None, stop_after_epoch: int | None = None,
+                     overwrite: bool = False) -> dict[str, Any]:
     """Run (or, with `resume_from`, continue) warm-up and epochs in this process, through
-    `stop_after_epoch` when given; write the student, the pool and `summary.json` to `cfg.output_dir`."""
+    `stop_after_epoch` when given; write the student, the pool and `summary.json` to `cfg.output_dir`
+    (which must not hold another run, unless `overwrite` deletes it)."""
     started = time.perf_counter()
-    prepare_output_dir(cfg.output_dir, fresh=resume_from is None)
+    prepare_output_dir(cfg.output_dir, fresh=resume_from is None, overwrite=overwrite)
+    check_store(cfg)  # an unreachable tracking server fails here, before the teacher is trained
     parts = build_run(cfg, splits)
     cfg = parts.cfg  # as the teacher allows (see `applicable_key_region`)
     source = LocalSynthesis(parts.synthesizer, parts.schedule, parts.distiller)

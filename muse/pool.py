@@ -2,12 +2,15 @@
 
 NAYER keeps every image forever as PNG files; we keep at most `capacity` images in memory and write
 each record as one Parquet shard (one row per image; the record's resolution, step, student version
-and losses in the file's metadata), so a pool survives a restart and reloads bit for bit.
+and losses in the file's metadata), so a pool survives a restart and reloads bit for bit. Shard names
+carry the pool's run id, so a folder never mixes the shards of two runs.
 """
 
 from __future__ import annotations
 
 import json
+import re
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +22,8 @@ import pyarrow.parquet as pq
 from muse.io import atomic_write
 from muse.synthesis import SynthesisRecord
 
-SHARD_PATTERN = "shard-{step:09d}.parquet"
+SHARD_PATTERN = "shard-{step:09d}-{run_id}.parquet"
+RUN_ID_IN_NAME = re.compile(r"^shard-\d+-(?P<run_id>[0-9a-f]+)\.parquet$")  # older pools: shard-<step>.parquet
 
 
 @dataclass
@@ -33,10 +37,11 @@ class PoolBatch:
 
 
 class SyntheticPool:
-    def __init__(self, capacity: int) -> None:
+    def __init__(self, capacity: int, run_id: str | None = None) -> None:
         if capacity < 1:
             raise ValueError(f"pool capacity must be ≥ 1, got {capacity}")
         self.capacity = capacity
+        self.run_id = run_id or uuid.uuid4().hex[:12]
         self.records: list[SynthesisRecord] = []
         self.total_added = 0
 
@@ -113,10 +118,11 @@ class SyntheticPool:
         return [self.sample(int(n), rng, resolution) for resolution, n in zip(counts, draws) if n > 0]
 
     def save(self, directory: Path) -> list[Path]:
-        """Mirror the pool to `directory`: write shards of new records, remove shards of dropped ones."""
+        """Mirror the pool to `directory`: write shards of new records, remove every other shard (of dropped
+        records, or of another run)."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        wanted = {SHARD_PATTERN.format(step=r.step): r for r in self.records}
+        wanted = {SHARD_PATTERN.format(step=r.step, run_id=self.run_id): r for r in self.records}
         for name, record in wanted.items():
             path = directory / name
             if not path.exists():
@@ -132,7 +138,8 @@ class SyntheticPool:
         directory = Path(directory)
         if not directory.is_dir():
             raise FileNotFoundError(f"pool directory {str(directory)!r} does not exist")
-        pool = cls(capacity)
+        run_ids = {m["run_id"] for path in directory.glob("shard-*.parquet") if (m := RUN_ID_IN_NAME.match(path.name))}
+        pool = cls(capacity, run_ids.pop() if len(run_ids) == 1 else None)
         for record in read_shards(directory):
             pool.add(record)
         return pool

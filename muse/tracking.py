@@ -73,11 +73,13 @@ def tracking_uri(cfg: RunConfig) -> str:
     return cfg.tracking.uri or f"sqlite:///{cfg.output_dir.resolve() / 'mlflow.db'}"
 
 
-def open_store(uri: str, experiment: str, artifact_root: Path) -> tuple[MlflowClient, str]:
-    """A client of the store at `uri` and the id of `experiment` there, created if new: with its artifacts
-    under the absolute `artifact_root` for a local store, where the server says for a tracking server.
-    An unreachable or broken store is a ConfigError."""
-    _fail_fast()
+def open_store(cfg: RunConfig) -> tuple[MlflowClient, str]:
+    """A client of the run's store (`tracking_uri`) and the id of its experiment there, created if new:
+    with its artifacts under the run's `mlartifacts/` for a local store, where the server says for a
+    tracking server. An unreachable or broken store is a ConfigError."""
+    uri, experiment = tracking_uri(cfg), cfg.tracking.experiment
+    artifact_root = cfg.output_dir.resolve() / "mlartifacts"
+    _fail_fast(cfg.tracking.timeout_s)
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(uri)
@@ -93,6 +95,13 @@ def open_store(uri: str, experiment: str, artifact_root: Path) -> tuple[MlflowCl
         raise ConfigError(f"tracking.uri {uri!r} is not reachable ({error_summary(error)}); start the server, fix tracking.uri "
                           "(--mlflow-uri), or set tracking.required=false to continue without tracking") from None
     return client, experiment_id
+
+
+def check_store(cfg: RunConfig) -> None:
+    """At start-up, before the teacher is trained: the store of a run that requires tracking can be reached
+    (a ConfigError naming the URI if not)."""
+    if cfg.tracking.enabled and cfg.tracking.required:
+        open_store(cfg)
 
 
 def run_tags(cfg: RunConfig) -> dict[str, str]:
@@ -134,11 +143,15 @@ def ui_hint(cfg: RunConfig, store_dir: Path | None = None) -> str | None:
             f"        then open http://127.0.0.1:5000/{page}?workflowType=machine_learning")
 
 
-def _fail_fast() -> None:
+def _fail_fast(timeout_s: int | None = None) -> None:
     # MLflow retries an HTTP request 7 times with backoff, 120 s each, by default: a server that is down
-    # would stall a run for minutes at every call. Set in every process that logs (Ray workers too).
+    # would stall a run for minutes at every call. Set in every process that logs (Ray workers too);
+    # `timeout_s` is tracking.timeout_s where the config is at hand.
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    if timeout_s is None:
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    else:
+        os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = str(timeout_s)
 
 
 class MlflowTracker(Tracker):
@@ -173,13 +186,12 @@ class MlflowTracker(Tracker):
         """A new run for `cfg` (a child of `parent_run_id` when given), with the flattened config as params."""
         output_dir = cfg.output_dir.resolve()
         output_dir.mkdir(parents=True, exist_ok=True)
-        uri = tracking_uri(cfg)
-        client, experiment_id = open_store(uri, cfg.tracking.experiment, output_dir / "mlartifacts")
+        client, experiment_id = open_store(cfg)
         tags = run_tags(cfg) | dict(tags or {})
         if parent_run_id:
             tags[PARENT_RUN_TAG] = parent_run_id
         run = client.create_run(experiment_id, run_name=run_name or output_dir.name, tags=tags)
-        tracker = cls(uri, run.info.run_id)
+        tracker = cls(tracking_uri(cfg), run.info.run_id)
         tracker.log_params(cfg.flat())
         return tracker
 
@@ -284,7 +296,7 @@ def child_tracker(cfg: RunConfig, parent_run_id: str | None, key_tag: tuple[str,
         return Tracker()
 
     def find_or_start() -> MlflowTracker:
-        client, experiment_id = open_store(tracking_uri(cfg), cfg.tracking.experiment, cfg.output_dir / "mlartifacts")
+        client, experiment_id = open_store(cfg)
         key, value = key_tag
         found = client.search_runs([experiment_id], filter_string=f"tags.`{key}` = '{value}'", max_results=1)
         if found:
@@ -296,7 +308,7 @@ def child_tracker(cfg: RunConfig, parent_run_id: str | None, key_tag: tuple[str,
 
 def _reopen(cfg: RunConfig, run_id: str) -> MlflowTracker:
     uri = tracking_uri(cfg)
-    client, _ = open_store(uri, cfg.tracking.experiment, cfg.output_dir / "mlartifacts")
+    client, _ = open_store(cfg)
     try:
         client.update_run(run_id, status="RUNNING")
     except Exception as error:  # MlflowException: no such run in this store

@@ -7,7 +7,6 @@ sys.path): `orchestration/run.py` is the script that bootstraps and calls `main`
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 import uuid
@@ -20,7 +19,8 @@ from ray.train import UserCallback
 from ray.train.torch import TorchTrainer
 
 from muse.checkpoint import prepare_output_dir, read_ranks, read_saved_run
-from muse.commandline import add_run_control_flags, add_tracking_flags, format_summary, run_config, tracking_overrides
+from muse.commandline import (add_run_control_flags, add_tracking_flags, format_summary, parse_command_line, run_config,
+                              tracking_overrides)
 from muse.config import ConfigError, RunConfig
 from muse.data import DatasetError, DatasetInfo, load_dataset
 from muse.loop import SynthesisTally
@@ -28,7 +28,8 @@ from muse.outputs import build_summary, save_outputs
 from muse.runtime import resolve_device
 from muse.synthesis import applicable_key_region
 from muse.teacher import ensure_teacher
-from muse.tracking import Tracker, create_tracker, finish_tracking, log_history, ui_hint
+from muse.tracking import Tracker, check_store, create_tracker, finish_tracking, log_history, ui_hint
+from orchestration.cluster import connect
 from orchestration.generator_actor import create_generator_actors, wait_until_ready
 from orchestration.train_loop import train_loop_per_worker
 from orchestration.weight_store import create_weight_store
@@ -66,7 +67,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_run_control_flags(parser)
     add_tracking_flags(parser)
     parser.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. loss.kr=2.0")
-    return parser.parse_args(argv)
+    return parse_command_line(parser, argv)
 
 
 def resolve_config(args: argparse.Namespace) -> tuple[RunConfig, ray.train.Checkpoint | None]:
@@ -80,24 +81,9 @@ def resolve_config(args: argparse.Namespace) -> tuple[RunConfig, ray.train.Check
     return cfg, ray.train.Checkpoint.from_directory(str(checkpoint)) if checkpoint is not None else None
 
 
-def connect(cfg: RunConfig, num_cpus: int | None) -> bool:
-    """Join the cluster named by ray.address or RAY_ADDRESS, else start a local one. True if we started it."""
-    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
-    if address and address != "local":
-        try:
-            ray.init(address=address)
-        except ConnectionError as error:
-            raise ConfigError(f"cannot reach the Ray cluster at {address!r} ({error}); start one with "
-                              "`ray start --head`, fix ray.address / RAY_ADDRESS, or unset it to run locally") from None
-        return False
-    # The dashboard serves the state API that Ray Train's placement-group cleaner polls; loopback only.
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
-             _node_ip_address="127.0.0.1")
-    return True
-
-
 def run(cfg: RunConfig, checkpoint: ray.train.Checkpoint | None = None, stop_after_epoch: int | None = None,
-        *, tracker: Tracker | None = None, callbacks: Sequence[UserCallback] = ()) -> dict[str, Any]:
+        *, tracker: Tracker | None = None, callbacks: Sequence[UserCallback] = (),
+        overwrite: bool = False) -> dict[str, Any]:
     """Train the teacher if needed, start the generators and the weight store, fit the TorchTrainer,
     and write the summary. Ray must be initialised.
 
@@ -106,13 +92,15 @@ def run(cfg: RunConfig, checkpoint: ray.train.Checkpoint | None = None, stop_aft
     `callbacks` are Ray Train callbacks (e.g. the Tune report callback of a sweep)."""
     started = time.perf_counter()
     cfg = cfg.model_copy(update={"output_dir": cfg.output_dir.resolve()})
-    prepare_output_dir(cfg.output_dir, fresh=checkpoint is None)
+    prepare_output_dir(cfg.output_dir, fresh=checkpoint is None, overwrite=overwrite)
+    if tracker is None:
+        check_store(cfg)  # an unreachable tracking server fails here, before the teacher is trained
     splits = load_dataset(cfg.data)
     teacher, _ = ensure_teacher(cfg, splits, resolve_device("cpu" if cfg.device == "auto" else cfg.device))
     cfg = applicable_key_region(cfg, teacher, splits.info.in_chans, splits.info.resolution)
     owns_tracker = tracker is None
     if tracker is None:
-        tracker = create_tracker(cfg)  # an unreachable tracking server fails here, before any work
+        tracker = create_tracker(cfg)
         if checkpoint is not None:  # a resumed run's MLflow run starts with the epochs before the resume
             with checkpoint.as_directory() as directory:
                 log_history(tracker, read_saved_run(Path(directory)).history)
@@ -173,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg, checkpoint = resolve_config(args)
         started_cluster = connect(cfg, args.num_cpus)
-        summary = run(cfg, checkpoint, args.stop_after_epoch)
+        summary = run(cfg, checkpoint, args.stop_after_epoch, overwrite=args.overwrite)
     except (ConfigError, DatasetError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

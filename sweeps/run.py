@@ -45,7 +45,7 @@ from muse.io import atomic_write
 from muse.runtime import resolve_device
 from muse.teacher import ensure_teacher
 from muse.tracking import Tracker, create_tracker, reopen_tracker, ui_hint
-from orchestration.runner import connect
+from orchestration.cluster import connect
 from sweeps.spec import SweepSpec, load_sweep
 from sweeps.trial import run_trial
 

@@ -3,6 +3,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from muse.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -29,3 +31,24 @@ def test_importing_the_ray_script_changes_nothing():
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "RAY_USAGE_STATS_ENABLED")}
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+def test_overrides_may_follow_a_flag():
+    """`seed=1 --no-tracking loss.kr=0`: argparse alone would take `loss.kr=0` for an unknown argument."""
+    from orchestration.runner import parse_args
+
+    args = parse_args(["seed=1", "--no-tracking", "loss.kr=0", "--workers", "1", "seed=2"])
+    assert args.overrides == ["seed=1", "loss.kr=0", "seed=2"] and args.no_tracking and args.workers == 1
+
+
+def test_an_unknown_flag_between_overrides_is_named(capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["distill", "seed=1", "--bogus", "loss.kr=0"])
+    assert stop.value.code == 2
+    last = capsys.readouterr().err.splitlines()[-1]
+    assert last.endswith("unrecognized arguments: --bogus"), last
+
+
+def test_resume_and_overwrite_together_are_refused(tmp_path, capsys):
+    assert main(["distill", "--resume", str(tmp_path), "--overwrite"]) == 2
+    assert "--resume continues a run and --overwrite deletes it" in capsys.readouterr().err

@@ -80,6 +80,44 @@ def test_a_fresh_run_into_a_used_output_dir_is_refused(local_runs, teacher, caps
     assert "holds an earlier run" in capsys.readouterr().err
 
 
+def test_overwrite_starts_afresh_and_keeps_the_earlier_mlflow_run(tmp_path, teacher, capsys):
+    run_dir = tmp_path / "again"
+    assert distill(*overrides(run_dir, teacher, "tracking.enabled=true"), "--stop-after-epoch", "2") == 0
+    first_pool = {p.name for p in (run_dir / "pool").glob("*.parquet")}
+    assert distill(*overrides(run_dir, teacher, "tracking.enabled=true", "seed=1", "resolution.set=[8]"),
+                   "--overwrite", "--stop-after-epoch", "1") == 0
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["config"]["seed"] == 1 and summary["epochs_done"] == 1
+    assert sorted(p.name for p in run_dir.glob("checkpoint_epoch*")) == ["checkpoint_epoch0001"]
+    pool = SyntheticPool.load(run_dir / "pool", capacity=10**6)  # only the second run's images, all at 8 px
+    assert pool.counts() == {8: summary["synthesis"]["images"]["8"]}
+    assert first_pool.isdisjoint(p.name for p in (run_dir / "pool").glob("*.parquet"))
+    from mlflow.tracking import MlflowClient
+    client = MlflowClient(f"sqlite:///{run_dir / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("muse").experiment_id])
+    assert sorted(r.data.params["seed"] for r in runs) == ["0", "1"]
+
+
+def test_a_truncated_checkpoint_is_named_on_resume(local_runs, tmp_path, capsys):
+    import shutil
+    copy = tmp_path / "whole"
+    shutil.copytree(local_runs["root"] / "whole", copy)
+    state = latest_checkpoint(copy) / STATE_FILE
+    state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])
+    assert distill("--resume", str(copy)) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"error: {state} cannot be read (" + err.split(" cannot be read (")[1])
+    assert "truncated or damaged" in err and "--overwrite" in err
+
+
+def test_an_unreachable_tracking_server_stops_the_run_before_the_teacher_is_trained(tmp_path, capsys):
+    teacher = tmp_path / "teachers" / "never.pt"
+    assert distill(*overrides(tmp_path / "run", teacher, "tracking.enabled=true", "tracking.timeout_s=2"),
+                   "--mlflow-uri", "http://127.0.0.1:9") == 2
+    assert "tracking.uri 'http://127.0.0.1:9' is not reachable" in capsys.readouterr().err
+    assert not teacher.exists()
+
+
 def test_resume_refuses_overrides(local_runs, capsys):
     assert distill("--resume", str(local_runs["root"] / "whole"), "loss.kr=2") == 2
     assert "--resume continues a run with its saved config" in capsys.readouterr().err

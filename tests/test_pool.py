@@ -1,4 +1,5 @@
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 
 from muse.pool import SyntheticPool, record_to_table, table_to_record
@@ -74,13 +75,35 @@ def test_pool_mirrors_to_shards_and_reloads(tmp_path):
     pool.save(tmp_path)
     pool.add(record(2))  # drops step 0
     pool.save(tmp_path)
-    assert sorted(p.name for p in tmp_path.glob("*.parquet")) == ["shard-000000001.parquet",
-                                                                  "shard-000000002.parquet"]
+    assert sorted(p.name for p in tmp_path.glob("*.parquet")) == [f"shard-000000001-{pool.run_id}.parquet",
+                                                                  f"shard-000000002-{pool.run_id}.parquet"]
     assert not list(tmp_path.glob("*.tmp"))
     loaded = SyntheticPool.load(tmp_path, capacity=8)
-    assert len(loaded) == len(pool)
+    assert len(loaded) == len(pool) and loaded.run_id == pool.run_id  # a resumed run keeps its shard names
     for a, b in zip(pool.records, loaded.records):
         assert_same(a, b)
+
+
+def test_a_second_run_into_the_same_folder_replaces_the_first_runs_shards(tmp_path):
+    """Shard names restart at the same steps in every run: without the run id, the second run would keep
+    the first run's shard of step 1 and end with a pool of the first run's images."""
+    first, second = SyntheticPool(capacity=8), SyntheticPool(capacity=8)
+    first.add(record(1, resolution=16))
+    first.save(tmp_path)
+    second.add(record(1, resolution=8))
+    second.add(record(2, resolution=8))
+    second.save(tmp_path)
+    loaded = SyntheticPool.load(tmp_path, capacity=8)
+    assert [(r.step, r.resolution) for r in loaded.records] == [(1, 8), (2, 8)] and loaded.run_id == second.run_id
+    for a, b in zip(second.records, loaded.records):
+        assert_same(a, b)
+
+
+def test_a_pool_written_before_run_ids_still_loads(tmp_path):
+    original = record(3)
+    pq.write_table(record_to_table(original), tmp_path / "shard-000000003.parquet")
+    [loaded] = SyntheticPool.load(tmp_path, capacity=8).records
+    assert_same(original, loaded)
 
 
 def test_sample_records_takes_whole_records_up_to_the_limit():
