@@ -193,6 +193,32 @@ def prepare_output_dir(output_dir: Path, fresh: bool, overwrite: bool = False) -
         delete_earlier_run(output_dir)
     elif fresh:
         _refuse_reused(output_dir)
+    else:
+        remove_uncommitted(output_dir)
+
+
+def remove_uncommitted(run_dir: Path) -> list[Path]:
+    """Before a resume: delete the checkpoint folders a stopped or killed process left half-written, those
+    neither Ray Train's snapshot nor the engine's pointer names (and the engine's `.checkpoint-*` scratch
+    folders). Returns what was deleted."""
+    run_dir = Path(run_dir)
+    committed: set[str] = set()
+    try:
+        snapshot = json.loads((run_dir / TRAIN_SNAPSHOT).read_text())
+        committed |= {entry["checkpoint_dir_name"] for entry in snapshot["checkpoint_results"]}
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    try:
+        committed.add(json.loads((run_dir / LOCAL_POINTER).read_text())["checkpoint_dir_name"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    if not committed:  # nothing to tell committed from uncommitted: leave the folder as it is
+        return []
+    doomed = sorted(p for p in [*run_dir.glob("checkpoint_*"), *run_dir.glob(".checkpoint-*")]
+                    if p.is_dir() and p.name not in committed)
+    for path in doomed:
+        shutil.rmtree(path, ignore_errors=True)
+    return doomed
 
 
 def delete_earlier_run(output_dir: Path) -> list[Path]:

@@ -22,11 +22,12 @@ import yaml
 
 from muse.commandline import (add_run_control_flags, add_tracking_flags, format_summary, interrupted_message,
                               parse_command_line, run_config, tracking_overrides)
-from muse.config import ConfigError, load_config, shipped_configs, typed_overrides
+from muse.config import ConfigError, error_summary, load_config, shipped_configs, typed_overrides
 from muse.data import DatasetError, load_dataset
-from muse.engine import RunInterrupted, run_distillation
+from muse.engine import run_distillation
 from muse.evaluate import topk_accuracy
 from muse.export import FORMATS, export_student, load_snippet
+from muse.outputs import RunInterrupted
 from muse.pool_files import EXPORT_FORMATS, export_pool, format_pool_summary, summarize_pool
 from muse.runtime import resolve_device
 from muse.saved_models import load_classifier
@@ -99,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
                 summary = run_distillation(cfg, resume_from=checkpoint, stop_after_epoch=args.stop_after_epoch,
                                            overwrite=args.overwrite)
             except RunInterrupted as stop:
-                print(interrupted_message(cfg, stop.summary), file=sys.stderr)
+                print(interrupted_message(cfg, stop.summary, "muse distill"), file=sys.stderr)
                 return 130
             print(format_summary(summary))
             print(f"summary: {cfg.output_dir / 'summary.json'}")
@@ -108,6 +109,12 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DatasetError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except OSError as error:  # mid-run: disk full, the folder removed or made read-only
+        if args.command != "distill":
+            raise
+        print(f"error: the run stopped: {error_summary(error)}; its last committed checkpoint is intact: free space "
+              f"or fix the folder, then continue with: muse distill --resume {cfg.output_dir}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:  # before or after the epochs (inside them the run saves what it has)
         print(f"interrupted: muse {args.command} stopped before it finished", file=sys.stderr)
         return 130

@@ -87,13 +87,15 @@ def format_summary(summary: dict[str, Any]) -> str:
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
 
-def interrupted_message(cfg: RunConfig, summary: dict[str, Any]) -> str:
-    """One line for a run stopped by Ctrl+C: what was kept, and how to continue."""
+def interrupted_message(cfg: RunConfig, summary: dict[str, Any] | None, command: str) -> str:
+    """One line for a run stopped by Ctrl+C: what was kept, and how to continue (`command` --resume)."""
     where = cfg.output_dir
+    if summary is None:
+        return "interrupted before the first checkpoint was committed: nothing to keep; start again with --overwrite"
     stop = summary["interrupted"]
     acc = f", {summary['student_acc']:.2f}% at its last evaluation" if summary["student_acc"] is not None else ""
-    resume = (f"continue from {stop['resume_from']} with: muse distill --resume {where}" if stop["resume_from"]
-              else "no checkpoint was committed yet: start again into a new output_dir")
+    resume = (f"continue from {stop['resume_from']} with: {command} --resume {where}" if stop["resume_from"]
+              else "no checkpoint was committed yet: start again with --overwrite")
     return f"interrupted after epoch {stop['after_epoch']}: the student so far{acc} is in {where / 'student.pt'}; {resume}"
 
 

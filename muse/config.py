@@ -260,6 +260,9 @@ class TrainWorkersConfig(Section):
         default_factory=dict, description="Custom resources per Train worker, e.g. {trainer_node: 1}")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         "WARNING", description="Ray Train's own console lines; INFO adds a line per report and per checkpoint")
+    max_failures: int = Field(
+        3, ge=-1, description="Worker-group failures (a worker process or node lost) Ray Train recovers from by "
+        "restarting the group from the last committed checkpoint; 0 fails the run at the first, -1 never gives up")
 
 
 class FeedConfig(Section):

@@ -21,14 +21,14 @@ from muse.distillation import Distiller
 from muse.embeddings import label_embeddings
 from muse.evaluate import LARGE_TEST_SPLIT, topk_accuracy
 from muse.loop import EpochHooks, LocalSynthesis, RunState, build_distiller, run_epochs, teacher_accuracy
-from muse.outputs import build_summary, save_outputs
+from muse.outputs import RunInterrupted, build_summary, save_outputs
 from muse.pool import SyntheticPool
 from muse.runtime import resolve_device
 from muse.schedules import ResolutionSchedule
 from muse.student import StudentNet
 from muse.synthesis import Synthesizer, applicable_key_region
 from muse.teacher import ensure_teacher
-from muse.tracking import Tracker, check_store, create_tracker, epoch_metrics, finish_tracking, log_history
+from muse.tracking import Tracker, check_store, epoch_metrics, finish_tracking, run_tracker
 
 
 @dataclass
@@ -84,9 +84,8 @@ def run_distillation(cfg: RunConfig, splits: ImageSplits | None = None, progress
     else:
         state = RunState.fresh(cfg.seed)
         teacher_acc = teacher_accuracy(parts.teacher_meta, parts.teacher, parts.splits.test, cfg, parts.device)
-    tracker = create_tracker(cfg)
+    tracker = run_tracker(cfg, state.history)  # a resumed run's MLflow run starts with the epochs before it
     try:
-        log_history(tracker, state.history)  # a resumed run's MLflow run starts with the epochs before it
         hooks = EngineHooks(parts, source, tracker, teacher_acc, state, progress)
         interrupted = False
         try:
@@ -110,14 +109,6 @@ def run_distillation(cfg: RunConfig, splits: ImageSplits | None = None, progress
         raise RunInterrupted(summary)
     finish_tracking(tracker, cfg, summary, step=state.epoch)
     return summary
-
-
-class RunInterrupted(Exception):
-    """Ctrl+C stopped a run; its student so far and a summary marked `interrupted` are saved."""
-
-    def __init__(self, summary: dict[str, Any]) -> None:
-        super().__init__(f"interrupted after epoch {summary['epochs_done']}")
-        self.summary = summary
 
 
 def _latest_checkpoint_name(cfg: RunConfig) -> str | None:

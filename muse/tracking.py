@@ -274,6 +274,47 @@ class MlflowTracker(Tracker):
         self._safely("end the run", lambda: self.client.set_terminated(self.run_id, status=status))
 
 
+RUN_RECORD = "mlflow_run.json"  # in output_dir: the MLflow run of the process that last ran there
+
+
+def run_tracker(cfg: RunConfig, history_before: list[dict[str, Any]]) -> Tracker:
+    """The tracker of a run started (or resumed, with the evaluations `history_before` it) in output_dir.
+    A resume first closes, as KILLED, the MLflow run a killed process left RUNNING there (SIGKILL, a lost
+    machine); the new run is recorded in output_dir for the next resume to find."""
+    close_orphaned_run(cfg)
+    tracker = create_tracker(cfg)
+    log_history(tracker, history_before)
+    if isinstance(tracker, MlflowTracker):
+        from muse.io import save_json
+
+        save_json(tracker.handle, cfg.output_dir / RUN_RECORD)
+    return tracker
+
+
+def close_orphaned_run(cfg: RunConfig) -> str | None:
+    """Mark KILLED the MLflow run recorded in output_dir if it is still RUNNING; its id, else None."""
+    import json
+
+    try:
+        handle = json.loads((cfg.output_dir / RUN_RECORD).read_text())
+    except (OSError, ValueError):
+        return None
+    if not cfg.tracking.enabled or handle.get("uri") != tracking_uri(cfg):
+        return None
+    _fail_fast(cfg.tracking.timeout_s)
+    from mlflow.tracking import MlflowClient
+
+    try:
+        client = MlflowClient(handle["uri"])
+        if client.get_run(handle["run_id"]).info.status != "RUNNING":
+            return None
+        client.set_terminated(handle["run_id"], status="KILLED")
+    except Exception as error:  # the store or the run is gone: nothing to close
+        print(f"warning: could not close the earlier MLflow run {handle.get('run_id')} ({error_summary(error)})")
+        return None
+    return handle["run_id"]
+
+
 def create_tracker(cfg: RunConfig, run_name: str | None = None, parent_run_id: str | None = None,
                    tags: dict[str, str] | None = None) -> Tracker:
     """The run's tracker: MLflow when `tracking.enabled`, else a no-op. An unreachable store is an

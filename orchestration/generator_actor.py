@@ -16,7 +16,7 @@ from typing import Any
 
 import ray
 from ray.actor import ActorHandle
-from ray.exceptions import ObjectLostError, RayActorError
+from ray.exceptions import GetTimeoutError, ObjectLostError, RayActorError
 
 from muse.config import RunConfig
 from muse.data import DatasetInfo, load_dataset
@@ -165,6 +165,12 @@ def create_generator_actors(cfg: RunConfig, count: int, num_cpus: float, num_gpu
     return [remote_class.remote(payload, first_index + i, weight_store, info) for i in range(count)]
 
 
-def wait_until_ready(actors: list[ActorHandle], timeout_s: float = 120.0) -> list[dict[str, Any]]:
-    """Block until every actor is constructed; a constructor error (e.g. a missing teacher) raises here."""
-    return ray.get([actor.ping.remote() for actor in actors], timeout=timeout_s)
+def wait_until_ready(actors: list[ActorHandle], timeout_s: float = 300.0) -> list[dict[str, Any]]:
+    """Block until every actor is constructed; a constructor error (e.g. a missing teacher) raises here.
+    Generous: on a loaded machine importing torch and building the teacher can take minutes."""
+    try:
+        return ray.get([actor.ping.remote() for actor in actors], timeout=timeout_s)
+    except GetTimeoutError:
+        raise RuntimeError(f"the {len(actors)} generator actors did not start within {timeout_s:g} s: the cluster may "
+                           "lack the resources they ask for (ray.generators.count × num_cpus / num_gpus), or be "
+                           "overloaded") from None

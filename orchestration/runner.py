@@ -7,6 +7,7 @@ sys.path): `orchestration/run.py` is the script that bootstraps and calls `main`
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
 import uuid
@@ -18,17 +19,17 @@ import ray.train
 from ray.train import UserCallback
 from ray.train.torch import TorchTrainer
 
-from muse.checkpoint import prepare_output_dir, read_ranks, read_saved_run
-from muse.commandline import (add_run_control_flags, add_tracking_flags, format_summary, parse_command_line, run_config,
-                              tracking_overrides)
+from muse.checkpoint import latest_checkpoint, prepare_output_dir, read_ranks, read_saved_run
+from muse.commandline import (add_run_control_flags, add_tracking_flags, format_summary, interrupted_message,
+                              parse_command_line, run_config, tracking_overrides)
 from muse.config import ConfigError, RunConfig
 from muse.data import DatasetError, DatasetInfo, load_dataset
 from muse.loop import SynthesisTally
-from muse.outputs import build_summary, save_outputs
+from muse.outputs import RunInterrupted, build_summary, save_outputs
 from muse.runtime import resolve_device
 from muse.synthesis import applicable_key_region
 from muse.teacher import ensure_teacher
-from muse.tracking import Tracker, check_store, create_tracker, finish_tracking, log_history, ui_hint
+from muse.tracking import Tracker, check_store, finish_tracking, run_tracker, ui_hint
 from orchestration.cluster import connect
 from orchestration.generator_actor import create_generator_actors, wait_until_ready
 from orchestration.train_loop import train_loop_per_worker
@@ -99,11 +100,9 @@ def run(cfg: RunConfig, checkpoint: ray.train.Checkpoint | None = None, stop_aft
     teacher, _ = ensure_teacher(cfg, splits, resolve_device("cpu" if cfg.device == "auto" else cfg.device))
     cfg = applicable_key_region(cfg, teacher, splits.info.in_chans, splits.info.resolution)
     owns_tracker = tracker is None
-    if tracker is None:
-        tracker = create_tracker(cfg)
-        if checkpoint is not None:  # a resumed run's MLflow run starts with the epochs before the resume
-            with checkpoint.as_directory() as directory:
-                log_history(tracker, read_saved_run(Path(directory)).history)
+    if tracker is None:  # a resumed run's MLflow run starts with the epochs before the resume
+        with contextlib.nullcontext(None) if checkpoint is None else checkpoint.as_directory() as directory:
+            tracker = run_tracker(cfg, [] if directory is None else read_saved_run(Path(directory)).history)
     store_name = f"muse-weights-{uuid.uuid4().hex[:8]}"
     store = create_weight_store(store_name)
     g = cfg.ray.generators
@@ -121,28 +120,53 @@ def run(cfg: RunConfig, checkpoint: ray.train.Checkpoint | None = None, stop_aft
                 num_workers=t.count, use_gpu=t.use_gpu,
                 resources_per_worker={"CPU": t.cpus_per_worker, **t.resources}),
             run_config=ray.train.RunConfig(name=cfg.output_dir.name, storage_path=str(cfg.output_dir.parent),
+                                           failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
                                            callbacks=list(callbacks),
                                            logging_config=ray.train.LoggingConfig(log_level=t.log_level)),
         )
         result = trainer.fit()
         if result.error is not None:
             raise RuntimeError(f"distillation failed: {result.error}") from result.error
+    except KeyboardInterrupt:  # Ctrl+C: keep what the last committed checkpoint holds
+        if not owns_tracker:  # a sweep's trial: the sweep handles its own stop
+            raise
+        interrupted = True
     except BaseException:
         if owns_tracker:
             tracker.finish([], status="FAILED")  # whatever stopped the run, its MLflow run says so
         raise
+    else:
+        interrupted = False
     finally:
         for actor in [*actors, store]:
             ray.kill(actor)
+    if interrupted:
+        summary = summarize_interrupted(cfg, time.perf_counter() - started, splits.info)
+        if summary is None:
+            tracker.finish([], status="KILLED")
+        else:
+            finish_tracking(tracker, cfg, summary, step=summary["epochs_done"], status="KILLED")
+        raise RunInterrupted(summary)
     summary = summarize(cfg, result.checkpoint, time.perf_counter() - started, splits.info)
     if owns_tracker:
         finish_tracking(tracker, cfg, summary, step=summary["epochs_done"])
     return summary
 
 
-def summarize(cfg: RunConfig, checkpoint: ray.train.Checkpoint, wall_s: float, info: DatasetInfo) -> dict[str, Any]:
+def summarize_interrupted(cfg: RunConfig, wall_s: float, info: DatasetInfo) -> dict[str, Any] | None:
+    """The summary and student of the run's last committed checkpoint, marked `interrupted`; None if the
+    run committed none."""
+    try:
+        last = latest_checkpoint(cfg.output_dir)
+    except ConfigError:
+        return None
+    return summarize(cfg, ray.train.Checkpoint.from_directory(str(last)), wall_s, info, interrupted=True)
+
+
+def summarize(cfg: RunConfig, checkpoint: ray.train.Checkpoint, wall_s: float, info: DatasetInfo,
+              interrupted: bool = False) -> dict[str, Any]:
     """The run's summary, read from the final checkpoint (synthesis counts summed over every rank) and
-    written with the student to output_dir."""
+    written with the student to output_dir; `interrupted` marks it as the state where Ctrl+C left the run."""
     with checkpoint.as_directory() as directory:
         saved, ranks = read_saved_run(Path(directory)), list(read_ranks(Path(directory)).values())
     summary = build_summary(cfg, teacher_acc=saved.teacher_acc, history=saved.history,
@@ -151,6 +175,8 @@ def summarize(cfg: RunConfig, checkpoint: ray.train.Checkpoint, wall_s: float, i
                             episodes=sum(rank["episodes"] for rank in ranks), epochs_done=saved.epoch)
     summary |= {"checkpoint": checkpoint.path, "feed": [rank["source"]["feed"] for rank in ranks],
                 "ray": cfg.ray.model_dump(mode="json")}
+    if interrupted:
+        summary["interrupted"] = {"after_epoch": saved.epoch, "resume_from": Path(checkpoint.path).name}
     save_outputs(cfg, summary, saved.student_state, info)
     return summary
 
@@ -162,6 +188,12 @@ def main(argv: list[str] | None = None) -> int:
         cfg, checkpoint = resolve_config(args)
         started_cluster = connect(cfg, args.num_cpus)
         summary = run(cfg, checkpoint, args.stop_after_epoch, overwrite=args.overwrite)
+    except RunInterrupted as stop:
+        print(interrupted_message(cfg, stop.summary, "python orchestration/run.py"), file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:  # before the run started, or while it was being summarised
+        print("interrupted: orchestration/run.py stopped before the run started", file=sys.stderr)
+        return 130
     except (ConfigError, DatasetError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

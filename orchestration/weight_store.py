@@ -15,6 +15,7 @@ import numpy as np
 import ray
 import torch
 from ray.actor import ActorHandle
+from ray.exceptions import GetTimeoutError
 
 NO_VERSION = -1  # the version of "no weights yet"
 
@@ -64,7 +65,7 @@ class WeightStore:
 
 
 def create_weight_store(name: str | None = None, scheduling_strategy: Any = None,
-                        timeout_s: float = 60.0) -> ActorHandle:
+                        timeout_s: float = 300.0) -> ActorHandle:
     """Start a WeightStore actor and wait until it is up (no CPU reserved; restarted empty if it dies,
     and pullers then keep their current weights until the next push). With a `name` (unique per run:
     several runs may share a cluster), GeneratorActors can find it by name."""
@@ -74,7 +75,11 @@ def create_weight_store(name: str | None = None, scheduling_strategy: Any = None
     if scheduling_strategy is not None:
         options["scheduling_strategy"] = scheduling_strategy
     store = ray.remote(WeightStore).options(**options).remote()
-    ray.get(store.latest_version.remote(), timeout=timeout_s)
+    try:
+        ray.get(store.latest_version.remote(), timeout=timeout_s)
+    except GetTimeoutError:
+        raise RuntimeError(f"the weight store actor did not start within {timeout_s:g} s: is the cluster overloaded, "
+                           "or out of memory for a new worker process?") from None
     return store
 
 

@@ -1,5 +1,6 @@
-"""Ctrl+C of `muse distill`: one line, exit 130, the student so far and a summary marked interrupted, the
-MLflow run KILLED, and `--resume` finishes the run from its last committed checkpoint."""
+"""Ctrl+C of `muse distill` and of `python orchestration/run.py`: one line, exit 130, the student so far and
+a summary marked interrupted, the MLflow run KILLED, and `--resume` finishes the run from its last
+committed checkpoint."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from mlflow.tracking import MlflowClient
 
 from conftest import FAST_DIGITS
@@ -50,3 +52,59 @@ def test_ctrl_c_saves_the_student_and_the_run_resumes(tmp_path, teacher_dir):
     final = json.loads((run_dir / "summary.json").read_text())
     assert "interrupted" not in final and final["epochs_done"] == 2 + 10
     assert [h["epoch"] for h in final["history"]] == list(range(3, 13))
+
+
+@pytest.mark.slow
+def test_ctrl_c_of_the_ray_runner_keeps_the_last_checkpoint_and_resumes(tmp_path, teacher_dir, digits_splits):
+    """The same on Ray (`orchestration/run.py`, a local cluster it starts): one line, exit 130, the student
+    and summary of the last committed checkpoint, the MLflow run KILLED; --resume finishes the run."""
+    from muse.teacher import ensure_teacher
+    from conftest import fast_digits_config
+
+    teacher = fast_digits_config(tmp_path, teacher_dir)
+    ensure_teacher(teacher, digits_splits)
+    run_dir = tmp_path / "ray-run"
+    overrides = [o for o in FAST_DIGITS if not o.startswith(("tracking.", "distill."))]
+    command = [sys.executable, "orchestration/run.py", "--num-cpus", "2", *overrides, "distill.epochs=8",
+               "distill.kd_steps=10", "checkpoint_every=1", "ray.generators.num_cpus=0.5",
+               "ray.train.cpus_per_worker=0.5", f"output_dir={run_dir}",
+               f"teacher.checkpoint={teacher.teacher_checkpoint}"]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"PYTHONUNBUFFERED": "1"}
+    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    try:
+        deadline = time.monotonic() + 420
+        while committed(run_dir) < 4:  # 2 warm-up epochs and 2 distillation epochs committed
+            assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+            time.sleep(0.5)
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=180)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+
+    assert process.returncode == 130, err[-3000:]
+    lines = [line for line in err.splitlines() if line.startswith("interrupted")]
+    assert len(lines) == 1 and "Traceback" not in err, err[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    stopped = summary["interrupted"]
+    assert stopped["after_epoch"] >= 4 and stopped["resume_from"].startswith("checkpoint_")
+    assert summary["epochs_done"] == stopped["after_epoch"] and (run_dir / "student.pt").is_file()
+    assert f"python orchestration/run.py --resume {run_dir}" in lines[0]
+    client = MlflowClient(f"sqlite:///{run_dir / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("muse").experiment_id])
+    assert [r.info.status for r in runs] == ["KILLED"]
+
+    resumed = subprocess.run([sys.executable, "orchestration/run.py", "--num-cpus", "2", "--resume", str(run_dir),
+                              "--no-tracking"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    final = json.loads((run_dir / "summary.json").read_text())
+    assert "interrupted" not in final and final["epochs_done"] == 2 + 8
+
+
+def committed(run_dir: Path) -> int:
+    """How many checkpoints Ray Train's snapshot lists (0 while none, or while it is being written)."""
+    try:
+        return len(json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())["checkpoint_results"])
+    except (OSError, ValueError, KeyError):
+        return 0

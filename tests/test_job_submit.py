@@ -1,13 +1,11 @@
-"""`orchestration/run.py` and `sweeps/run.py` as Ray jobs: a real head started with `ray start --head`,
-the repo shipped with `ray job submit --working-dir`, the driver joining the job's cluster (not a new
-local one); and a sweep driver on that head interrupted by SIGINT, then continued with --resume.
+"""`orchestration/run.py` and `sweeps/run.py` as Ray jobs on a head started by the README's own cluster
+commands: the repo shipped with `ray job submit --working-dir`, the driver joining the job's cluster (not a
+new local one); and a sweep driver on that head interrupted by SIGINT, then continued with --resume.
 
-Token authentication (Ray 2.59+): a head started while `RAY_AUTH_MODE` is unset turns it on only when
-a token already exists (`~/.ray/auth_token`), and a job client turns it on only with `RAY_AUTH_MODE=token`
-in its environment. Relying on either makes the result depend on what the machine keeps in its home
-folder, so the module writes a token of its own and gives it (`RAY_AUTH_TOKEN_PATH`) with
-`RAY_AUTH_MODE=token` to the head and to every client: auth is on whatever the machine, and no test reads
-or writes ~/.ray.
+The README's commands run as written, in bash, with an empty HOME, so that no token or setting left on this
+machine can make them pass. The test changes only the ports (free ones, not 6390/8265, which another
+cluster may hold) and appends overrides that make the job small; the environment adds a Ray temp folder of
+our own and a prompt shutdown. The head must have token authentication on and listen on loopback only.
 """
 
 from __future__ import annotations
@@ -17,6 +15,7 @@ import json
 import os
 import re
 import secrets
+import shlex
 import shutil
 import signal
 import socket
@@ -26,7 +25,8 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -61,13 +61,56 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def ray_env(token: Path, **extra: str) -> dict[str, str]:
-    """This environment with the venv's `python` and `ray` first on PATH, no RAY_ADDRESS, and token auth
-    on with the token in `token` (RAY_AUTH_TOKEN would take precedence over the file: dropped)."""
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN")}
+def client_env(home: Path, **extra: str) -> dict[str, str]:
+    """The environment of a shell that ran the README's `export RAY_AUTH_MODE=token`, with HOME=`home`: the
+    venv's `python` and `ray` first on PATH, and no Ray variable of this machine's."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
-    auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
-    return env | {"RAY_USAGE_STATS_ENABLED": "0"} | auth | extra
+    return env | {"HOME": str(home), "RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0"} | extra
+
+
+def readme_cluster_commands() -> list[str]:
+    """The lines of the README's `ray job submit` example, as a user would paste them."""
+    text = (REPO / "README.md").read_text()
+    section = text[text.index("### On a cluster with `ray job submit`"):]
+    block = section.split("```bash\n", 1)[1].split("```", 1)[0]
+    return [line for line in block.splitlines() if line.strip()]
+
+
+def on_free_ports(line: str, gcs_port: int, dashboard_port: int) -> str:
+    """A README line with our ports: the GCS and dashboard ports replaced, and the head's other fixed
+    ports (agent, Ray Client) given free ones."""
+    for fixed in ("--port=6390", "127.0.0.1:8265"):
+        assert fixed not in line or line.count(fixed) == 1, line
+    line = line.replace("--port=6390", f"--port={gcs_port}").replace("127.0.0.1:8265", f"127.0.0.1:{dashboard_port}")
+    if "ray start --head" in line:
+        line += (f" --dashboard-port={dashboard_port} --dashboard-agent-listen-port={free_port()}"
+                 f" --ray-client-server-port={free_port()}")
+    return line
+
+
+def listening_addresses(pids: Iterable[int]) -> set[tuple[str, int]]:
+    """(address, port) of every TCP socket these processes listen on, from /proc (no `ss` needed)."""
+    inodes = set()
+    for pid in pids:
+        try:
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                if target.startswith("socket:["):
+                    inodes.add(target[8:-1])
+        except OSError:  # gone meanwhile
+            pass
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for row in Path(table).read_text().splitlines()[1:]:
+            fields = row.split()
+            if fields[3] == "0A" and fields[9] in inodes:  # 0A: LISTEN
+                ip_hex, port_hex = fields[1].split(":")
+                raw = bytes.fromhex(ip_hex)
+                raw = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))  # each 32-bit word little-endian
+                family = socket.AF_INET if len(raw) == 4 else socket.AF_INET6
+                found.add((socket.inet_ntop(family, raw), int(port_hex, 16)))
+    return found
 
 
 def dashboard_get(url: str, token: str | None = None) -> tuple[int, str]:
@@ -93,32 +136,23 @@ def session_members(sid: int) -> list[int]:
     return pids
 
 
-def stop_head(head: subprocess.Popen) -> None:
-    """SIGTERM the process group we started, SIGKILL what lingers; never the CLI's stop command (it stops every
-    Ray cluster on the machine)."""
-    try:
-        os.killpg(head.pid, signal.SIGTERM)
-        head.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        os.killpg(head.pid, signal.SIGKILL)
-        head.wait(timeout=10)
-    except ProcessLookupError:
-        pass
-    deadline = time.monotonic() + 10
-    while session_members(head.pid) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    for pid in session_members(head.pid):
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+def stop_session(sid: int) -> None:
+    """SIGTERM every process of the session we started, SIGKILL what lingers; never the CLI's stop command
+    (it stops every Ray cluster on the machine)."""
+    for sig, wait_s in ((signal.SIGTERM, 20), (signal.SIGKILL, 10)):
+        for pid in session_members(sid):
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + wait_s
+        while session_members(sid) and time.monotonic() < deadline:
+            time.sleep(0.5)
 
 
-def wait_for_dashboard(url: str, head: subprocess.Popen, log: Path, timeout_s: float = 90) -> None:
+def wait_for_dashboard(url: str, log: Path, timeout_s: float = 90) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        if head.poll() is not None:
-            pytest.fail(f"`ray start --head` exited with {head.returncode}:\n{log.read_text()[-3000:]}")
         try:
             urllib.request.urlopen(f"{url}/api/version", timeout=2)
             return
@@ -129,72 +163,81 @@ def wait_for_dashboard(url: str, head: subprocess.Popen, log: Path, timeout_s: f
     pytest.fail(f"no dashboard at {url} after {timeout_s}s:\n{log.read_text()[-3000:]}")
 
 
-@pytest.fixture(scope="module")
-def auth_token(tmp_path_factory) -> Path:
-    """A file holding this module's Ray token (Ray's own format: 32 random bytes in hex)."""
-    path = tmp_path_factory.mktemp("auth") / "auth_token"
-    path.touch(mode=0o600)
-    path.write_text(secrets.token_hex(32))
-    return path
+@dataclass
+class Head:
+    url: str  # the dashboard (job API)
+    gcs_address: str
+    home: Path  # the empty HOME the README's commands ran with
+    session: int  # the session holding every process of the head
+    submit: str  # the README's `ray job submit` line, on our ports
+
+    @property
+    def token(self) -> str:
+        return (self.home / ".ray" / "auth_token").read_text().strip()
 
 
 @pytest.fixture(scope="module")
-def head(tmp_path_factory, auth_token):
-    """A head node of our own on loopback, token auth on with `auth_token`; yields (dashboard URL, GCS address)."""
-    logs = tmp_path_factory.mktemp("head")
+def head(tmp_path_factory) -> Iterator[Head]:
+    """A head started by the README's commands (all but the last, `ray job submit`), in bash, HOME empty."""
+    home = tmp_path_factory.mktemp("home")
+    log = tmp_path_factory.mktemp("head") / "head.log"
     ray_tmp = tempfile.mkdtemp(prefix="muse-ray-", dir="/tmp")  # short: socket paths
     gcs_port, dashboard_port = free_port(), free_port()
-    env = ray_env(
-        auth_token,
+    *setup, submit = [on_free_ports(line, gcs_port, dashboard_port) for line in readme_cluster_commands()]
+    assert submit.startswith("ray job submit") and any("ray start --head" in line for line in setup), setup
+    env = client_env(
+        home,
         # Its ray_current_cluster file (where Ray Train's placement-group cleaner looks for its cluster)
         # stays in a folder of ours, away from other clusters on this machine.
         RAY_TMPDIR=ray_tmp,
-        # Keep --node-ip-address=127.0.0.1: otherwise Ray swaps it for the machine's IP.
-        RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
         RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0",  # SIGTERM stops it at once (default: drain 30 s)
         RAY_TRAIN_ENABLE_PREEMPTION_WATCHER="0", RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="0.5",
     )
-    command = [str(RAY_CLI), "start", "--head", f"--port={gcs_port}", "--node-ip-address=127.0.0.1",
-               "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
-               f"--dashboard-agent-listen-port={free_port()}", f"--ray-client-server-port={free_port()}",
-               "--num-cpus=2", "--disable-usage-stats", "--block"]
-    log = logs / "head.log"
+    env.pop("RAY_AUTH_MODE")  # the README's first line exports it
     with log.open("w") as out:
-        head = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        shell = subprocess.Popen(["bash", "-euo", "pipefail", "-c", "\n".join(setup)], cwd=REPO, env=env,
+                                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
+        assert shell.wait(timeout=180) == 0, log.read_text()[-3000:]
         url = f"http://127.0.0.1:{dashboard_port}"
-        wait_for_dashboard(url, head, log)
-        yield url, f"127.0.0.1:{gcs_port}"
+        wait_for_dashboard(url, log)
+        yield Head(url, f"127.0.0.1:{gcs_port}", home, shell.pid, submit)
     finally:
-        stop_head(head)
+        stop_session(shell.pid)
         shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
-def test_the_head_refuses_requests_without_its_token(head, auth_token):
-    url, _ = head
-    jobs = f"{url}/api/jobs/"
+def test_the_readme_head_has_token_auth_and_listens_on_loopback_only(head):
+    token_file = head.home / ".ray" / "auth_token"
+    assert token_file.stat().st_mode & 0o777 == 0o600  # made by the README's commands, in the empty HOME
+    url, jobs = head.url, f"{head.url}/api/jobs/"
     status, body = dashboard_get(f"{url}/api/authentication_mode")  # public: says whether auth is on
     assert (status, json.loads(body)) == (200, {"authentication_mode": "token"}), body
     assert dashboard_get(jobs)[0] == 401  # no Authorization header
     assert dashboard_get(jobs, secrets.token_hex(32))[0] == 403  # another token
-    status, body = dashboard_get(jobs, auth_token.read_text())
+    status, body = dashboard_get(jobs, head.token)
     assert status == 200 and isinstance(json.loads(body), list), body
 
+    listening = listening_addresses(session_members(head.session))
+    ports = {port for _, port in listening}
+    assert {int(head.gcs_address.rsplit(":", 1)[1]), int(url.rsplit(":", 1)[1])} <= ports, listening
+    beyond_loopback = {(ip, port) for ip, port in listening if ip not in ("127.0.0.1", "::ffff:127.0.0.1", "::1")}
+    assert not beyond_loopback, f"the head listens beyond loopback: {sorted(beyond_loopback)}"
 
-def test_run_py_as_a_ray_job(head, auth_token, tmp_path, teacher_dir, digits_splits):
-    url, gcs_address = head
+
+def test_the_readme_job_succeeds(head, tmp_path, teacher_dir, digits_splits):
+    """The README's `ray job submit` line, run in bash from the repo root with the README shell's
+    environment (RAY_AUTH_MODE=token, the empty HOME holding the token), plus overrides that make it small."""
+    gcs_address = head.gcs_address
     teacher = fast_digits_config(tmp_path, teacher_dir)
     ensure_teacher(teacher, digits_splits)  # trained once here; the job only loads it
     out_dir = tmp_path / "run"
     overrides = [*FAST_DIGITS, *TINY, f"output_dir={out_dir}", f"teacher.checkpoint={teacher.teacher_checkpoint}"]
-    submit = [str(RAY_CLI), "job", "submit", "--address", url, "--working-dir", str(REPO),
-              "--runtime-env-json", json.dumps({"excludes": EXCLUDES}),
-              "--", "python", "orchestration/run.py", "--config", "digits", *overrides]
-
-    # The client sends the head's token: see the module docstring.
-    job = subprocess.run(submit, env=ray_env(auth_token), capture_output=True, text=True, timeout=JOB_TIMEOUT_S)
+    job = subprocess.run(["bash", "-c", f"{head.submit} {shlex.join(overrides)}"], cwd=REPO, env=client_env(head.home),
+                         capture_output=True, text=True, timeout=JOB_TIMEOUT_S)
     output = job.stdout + job.stderr
     assert job.returncode == 0, output[-5000:]
+    assert re.search(r"Job '\w+' succeeded", output), output[-3000:]
 
     # The driver joined the head's cluster (RAY_ADDRESS set by the job), it did not start its own.
     assert f"Connecting to existing Ray cluster at address: {gcs_address}" in output, output[-5000:]
@@ -209,8 +252,8 @@ def test_run_py_as_a_ray_job(head, auth_token, tmp_path, teacher_dir, digits_spl
     assert (out_dir / "student.pt").is_file()
 
 
-def test_a_sweep_as_a_ray_job(head, auth_token, tmp_path, teacher_dir, digits_splits):
-    url, gcs_address = head
+def test_a_sweep_as_a_ray_job(head, tmp_path, teacher_dir, digits_splits):
+    url, gcs_address = head.url, head.gcs_address
     teacher = fast_digits_config(tmp_path, teacher_dir)
     ensure_teacher(teacher, digits_splits)
     sweep = tmp_path / "job_sweep.yaml"
@@ -222,7 +265,7 @@ def test_a_sweep_as_a_ray_job(head, auth_token, tmp_path, teacher_dir, digits_sp
     submit = [str(RAY_CLI), "job", "submit", "--address", url, "--working-dir", str(REPO),
               "--runtime-env-json", json.dumps({"excludes": EXCLUDES}),
               "--", "python", "sweeps/run.py", str(sweep)]
-    job = subprocess.run(submit, env=ray_env(auth_token), capture_output=True, text=True, timeout=JOB_TIMEOUT_S)
+    job = subprocess.run(submit, env=client_env(head.home), capture_output=True, text=True, timeout=JOB_TIMEOUT_S)
     output = job.stdout + job.stderr
     assert job.returncode == 0, output[-5000:]
     assert f"Connecting to existing Ray cluster at address: {gcs_address}" in output, output[-5000:]
@@ -243,10 +286,10 @@ def committed_checkpoints(run_dirs: Iterable[Path]) -> int:
     return count
 
 
-def test_an_interrupted_sweep_continues_with_resume(head, auth_token, tmp_path, teacher_dir, digits_splits):
+def test_an_interrupted_sweep_continues_with_resume(head, tmp_path, teacher_dir, digits_splits):
     """Ctrl+C stops a sweep mid-trial; the same command plus --resume keeps the finished work, continues
     the unfinished trial from its newest checkpoint and runs the trial not yet started."""
-    _, gcs_address = head
+    gcs_address = head.gcs_address
     teacher = fast_digits_config(tmp_path, teacher_dir)
     ensure_teacher(teacher, digits_splits)
     root = tmp_path / "sweep"
@@ -259,7 +302,7 @@ def test_an_interrupted_sweep_continues_with_resume(head, auth_token, tmp_path, 
                       "ray.train.cpus_per_worker=0.45"],
         "space": {"loss.kr": {"grid": [0.0, 1.0]}}, "max_concurrent_trials": 1}))  # one trial after the other
     command = [sys.executable, str(REPO / "sweeps" / "run.py"), str(sweep)]
-    env = ray_env(auth_token, RAY_ADDRESS=gcs_address)
+    env = client_env(head.home, RAY_ADDRESS=gcs_address)
 
     log = tmp_path / "first.log"
     with log.open("w") as out:

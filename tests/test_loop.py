@@ -118,6 +118,36 @@ def test_an_unreachable_tracking_server_stops_the_run_before_the_teacher_is_trai
     assert not teacher.exists()
 
 
+def test_a_full_disk_during_a_checkpoint_keeps_the_previous_one_resumable(local_runs, teacher, tmp_path, monkeypatch,
+                                                                          capsys):
+    """The 4th checkpoint's state.pt fails to write (ENOSPC): the run stops with one line, exit 1, no summary;
+    --resume continues from checkpoint 3 and ends exactly as the uninterrupted run."""
+    import errno
+
+    import muse.checkpoint
+
+    real_save = torch.save
+
+    def save_until_full(obj, path, *args, **kwargs):
+        if isinstance(obj, dict) and obj.get("epoch", 0) >= 4:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, path, *args, **kwargs)
+
+    run_dir = tmp_path / "full"
+    with monkeypatch.context() as patch:
+        patch.setattr(muse.checkpoint.torch, "save", save_until_full)
+        assert distill(*overrides(run_dir, teacher, "checkpoint_every=1")) == 1
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("error: the run stopped: ") and "No space left on device" in last, last
+    assert f"muse distill --resume {run_dir}" in last
+    assert not (run_dir / "summary.json").exists() and latest_checkpoint(run_dir).name == "checkpoint_epoch0003"
+    assert not list(run_dir.glob(".checkpoint-*"))  # the half-written one is gone
+    assert distill("--resume", str(run_dir)) == 0
+    resumed, whole = json.loads((run_dir / "summary.json").read_text()), local_runs["whole"]
+    assert [h["student_acc"] for h in resumed["history"]] == [h["student_acc"] for h in whole["history"]]
+    assert resumed["synthesis"]["pixels"] == whole["synthesis"]["pixels"]
+
+
 def test_resume_refuses_overrides(local_runs, capsys):
     assert distill("--resume", str(local_runs["root"] / "whole"), "loss.kr=2") == 2
     assert "--resume continues a run with its saved config" in capsys.readouterr().err
