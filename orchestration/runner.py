@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -108,6 +109,7 @@ def run(cfg: RunConfig, checkpoint: ray.train.Checkpoint | None = None, stop_aft
     g = cfg.ray.generators
     actors = create_generator_actors(cfg, g.count, g.num_cpus, g.num_gpus, store_name, splits.info,
                                      resources=g.resources)
+    interrupted = False
     try:
         wait_until_ready(actors)
         t = cfg.ray.train
@@ -124,7 +126,7 @@ def run(cfg: RunConfig, checkpoint: ray.train.Checkpoint | None = None, stop_aft
                                            callbacks=list(callbacks),
                                            logging_config=ray.train.LoggingConfig(log_level=t.log_level)),
         )
-        result = trainer.fit()
+        result = fit_interruptibly(trainer)
         if result.error is not None:
             raise RuntimeError(f"distillation failed: {result.error}") from result.error
     except KeyboardInterrupt:  # Ctrl+C: keep what the last committed checkpoint holds
@@ -135,11 +137,13 @@ def run(cfg: RunConfig, checkpoint: ray.train.Checkpoint | None = None, stop_aft
         if owns_tracker:
             tracker.finish([], status="FAILED")  # whatever stopped the run, its MLflow run says so
         raise
-    else:
-        interrupted = False
     finally:
-        for actor in [*actors, store]:
-            ray.kill(actor)
+        # After Ctrl+C the Train workers still run (the controller is not ours to stop): killing the actors
+        # they call would fill the console with their tracebacks. The process exits next, and its actors,
+        # the controller and the workers go with it (and with the cluster, if it started one).
+        if not interrupted:
+            for actor in [*actors, store]:
+                ray.kill(actor)
     if interrupted:
         summary = summarize_interrupted(cfg, time.perf_counter() - started, splits.info)
         if summary is None:
@@ -151,6 +155,29 @@ def run(cfg: RunConfig, checkpoint: ray.train.Checkpoint | None = None, stop_aft
     if owns_tracker:
         finish_tracking(tracker, cfg, summary, step=summary["epochs_done"])
     return summary
+
+
+def fit_interruptibly(trainer: TorchTrainer) -> ray.train.Result:
+    """`trainer.fit()`, in a helper thread when called from the main thread, so that Ctrl+C reaches the
+    main thread as KeyboardInterrupt. In the main thread Ray Train installs a SIGINT handler of its own
+    that kills the Train controller, and fit() then raises ActorDiedError, which reads like a crash."""
+    if threading.current_thread() is not threading.main_thread():
+        return trainer.fit()
+    outcome: dict[str, Any] = {}
+
+    def fit() -> None:
+        try:
+            outcome["result"] = trainer.fit()
+        except BaseException as error:  # re-raised in the caller's thread
+            outcome["error"] = error
+
+    thread = threading.Thread(target=fit, name="ray-train-fit", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(timeout=0.5)  # a join with a timeout lets KeyboardInterrupt through
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
 
 
 def summarize_interrupted(cfg: RunConfig, wall_s: float, info: DatasetInfo) -> dict[str, Any] | None:
