@@ -99,17 +99,19 @@ class GeneratorActor:
                               actor_step=self.synthesizer.step)
 
     def _pull_weights(self) -> float:
-        """Load the store's student weights when newer than ours; returns the seconds spent. When the
-        store (or the object it owned) is lost, keep the current weights: staleness logs will show it."""
+        """Load the store's student weights when they are not ours (newer, or older after a Train restart);
+        returns the seconds spent. When the store (or the object it owned) is lost, keep the current
+        weights: staleness logs will show it."""
         if self.weight_store is None:
             return 0.0
         started = time.perf_counter()
         try:
-            newer = ray.get(self.weight_store.pull_if_newer.remote(self.student_version))
-            if newer is not None:
-                version, ref = newer
-                self.student.load_state_dict(numpy_to_state(ray.get(ref)))
-                self.student_version = version
+            changed = ray.get(self.weight_store.pull_if_changed.remote(self.student_version))
+            if changed is not None:
+                version, ref = changed
+                if ref is not None:
+                    self.student.load_state_dict(numpy_to_state(ray.get(ref)))
+                self.student_version = version  # NO_VERSION: no student, the episode is not adversarial
         except (RayActorError, ObjectLostError) as error:
             print(f"GeneratorActor {self.index}: keeping student version {self.student_version}; "
                   f"weight pull failed ({type(error).__name__})")

@@ -34,7 +34,7 @@ from muse.synthesis import SynthesisRecord
 from muse.teacher import load_teacher
 from muse.tracking import MlflowTracker, Tracker, epoch_metrics
 from orchestration.feed import GenerationFeed
-from orchestration.weight_store import StalenessPolicy, state_to_numpy
+from orchestration.weight_store import NO_VERSION, StalenessPolicy, state_to_numpy
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
@@ -70,6 +70,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             ray.get([actor.set_state.remote(s) for actor, s in zip(actors, saved.generators)])
     elif rank == 0:
         teacher_acc = teacher_accuracy(teacher_meta, teacher, splits.test, cfg, device)
+    weight_store = ray.get_actor(loop_config["weight_store"])
+    if rank == 0:  # after a worker-group restart the store holds the lost group's newer student: go back
+        ray.get(weight_store.reset.remote(distiller.student.state_dict() if distiller.steps > 0 else None,
+                                          distiller.steps if distiller.steps > 0 else NO_VERSION))
+    if world > 1:
+        torch.distributed.barrier()  # no rank asks for a batch before the store is reset
 
     feed = GenerationFeed(actors, cfg.ray.feed.in_flight, rank=rank, world_size=world, start_episode=next_episode,
                           epoch=state.epoch, adversarial=state.epoch >= cfg.synthesis.warmup)
@@ -78,7 +84,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     # Rank 0 logs each evaluation as it happens (Ray's rank-zero-only pattern); the driver owns the run.
     tracking = loop_config.get("tracking")
     tracker = MlflowTracker.attach(tracking if rank == 0 else None)
-    hooks = RayWorkerHooks(cfg, rank, world, actors, ray.get_actor(loop_config["weight_store"]), feed, policy,
+    hooks = RayWorkerHooks(cfg, rank, world, actors, weight_store, feed, policy,
                            distiller, pool, tracker, teacher=teacher, info=info,
                            teacher_acc=teacher_acc)
 

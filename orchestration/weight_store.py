@@ -53,10 +53,18 @@ class WeightStore:
         self.version = int(version)
         return True
 
-    def pull_if_newer(self, version: int) -> tuple[int, ray.ObjectRef] | None:
-        """`(latest_version, ref)` when the store holds a version newer than `version`, else None.
-        The caller `ray.get`s the ref (a dict of numpy arrays)."""
-        if self.ref is None or self.version <= version:
+    def reset(self, state: Mapping[str, Any] | None, version: int) -> None:
+        """Hold `state` as `version` whatever the store held: a Train worker group that restarts from a
+        checkpoint goes back to an earlier student than the one its lost predecessor pushed (None, with
+        NO_VERSION: no student yet)."""
+        self.ref = None if state is None else ray.put(state_to_numpy(state))
+        self.version = int(version) if state is not None else NO_VERSION
+
+    def pull_if_changed(self, version: int) -> tuple[int, ray.ObjectRef | None] | None:
+        """`(latest_version, ref)` when the store holds another version than `version` (newer, or older after
+        a `reset`), else None; the ref is None when the store holds no student. The caller `ray.get`s the
+        ref (a dict of numpy arrays)."""
+        if self.version == version:
             return None
         return self.version, self.ref
 

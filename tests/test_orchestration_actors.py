@@ -73,12 +73,25 @@ def test_weight_store_keeps_only_newer_versions(store, run):
     assert ray.get(store.push.remote(weights, base + 2))
     assert not ray.get(store.push.remote(weights, base + 1))  # older than held: ignored
     assert ray.get(store.latest_version.remote()) == base + 2
-    assert ray.get(store.pull_if_newer.remote(base + 2)) is None
-    version, ref = ray.get(store.pull_if_newer.remote(base))  # an ObjectRef nested in the reply
+    assert ray.get(store.pull_if_changed.remote(base + 2)) is None
+    version, ref = ray.get(store.pull_if_changed.remote(base))  # an ObjectRef nested in the reply
     assert version == base + 2
     pulled = ray.get(ref)
     assert pulled.keys() == weights.keys()
     assert all(np.array_equal(pulled[k], weights[k]) for k in weights)
+
+
+def test_a_reset_store_goes_back_to_an_older_student(store, run):
+    """A Train worker group restarted from a checkpoint resets the store to its restored (older) student;
+    a generator holding the lost group's newer one then pulls the older one."""
+    _, weights = run
+    newest = ray.get(store.latest_version.remote())
+    older = {k: v + 1 for k, v in weights.items()}
+    ray.get(store.reset.remote(older, newest - 1))
+    assert ray.get(store.latest_version.remote()) == newest - 1
+    version, ref = ray.get(store.pull_if_changed.remote(newest))
+    assert version == newest - 1 and all(np.array_equal(ray.get(ref)[k], older[k]) for k in older)
+    ray.get(store.reset.remote(weights, newest))  # the next tests expect the store as it was
 
 
 def test_generate_returns_the_record_contract_tagged_with_the_student_version(actors, store, run):
