@@ -197,10 +197,9 @@ def prepare_output_dir(output_dir: Path, fresh: bool, overwrite: bool = False) -
         remove_uncommitted(output_dir)
 
 
-def remove_uncommitted(run_dir: Path) -> list[Path]:
-    """Before a resume: delete the checkpoint folders a stopped or killed process left half-written, those
-    neither Ray Train's snapshot nor the engine's pointer names (and the engine's `.checkpoint-*` scratch
-    folders). Returns what was deleted."""
+def committed_checkpoints(run_dir: Path) -> set[str]:
+    """The checkpoint folder names committed in a run's folder: those Ray Train's snapshot lists, and the
+    one the engine's pointer names (none while a snapshot is being written)."""
     run_dir = Path(run_dir)
     committed: set[str] = set()
     try:
@@ -212,6 +211,15 @@ def remove_uncommitted(run_dir: Path) -> list[Path]:
         committed.add(json.loads((run_dir / LOCAL_POINTER).read_text())["checkpoint_dir_name"])
     except (OSError, ValueError, KeyError, TypeError):
         pass
+    return committed
+
+
+def remove_uncommitted(run_dir: Path) -> list[Path]:
+    """Before a resume: delete the checkpoint folders a stopped or killed process left half-written, those
+    neither Ray Train's snapshot nor the engine's pointer names (and the engine's `.checkpoint-*` scratch
+    folders). Returns what was deleted."""
+    run_dir = Path(run_dir)
+    committed = committed_checkpoints(run_dir)
     if not committed:  # nothing to tell committed from uncommitted: leave the folder as it is
         return []
     doomed = sorted(p for p in [*run_dir.glob("checkpoint_*"), *run_dir.glob(".checkpoint-*")]

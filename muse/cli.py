@@ -70,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     pool_export.add_argument("--format", choices=EXPORT_FORMATS, default="imagefolder")
     pool_export.add_argument("--out", type=Path, required=True, help="a new folder to write")
     args = parse_command_line(parser, argv)
+    cfg = None
     try:
         if args.command == "evaluate":
             return evaluate_checkpoint(args.checkpoint, args.config, args.arch, args.overrides)
@@ -110,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except OSError as error:  # mid-run: disk full, the folder removed or made read-only
-        if args.command != "distill":
+        if args.command != "distill" or cfg is None:  # not a run's writing: a plain error, with its traceback
             raise
         print(f"error: the run stopped: {error_summary(error)}; its last committed checkpoint is intact: free space "
               f"or fix the folder, then continue with: muse distill --resume {cfg.output_dir}", file=sys.stderr)

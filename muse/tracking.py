@@ -13,6 +13,7 @@ logs each epoch as it happens, a sweep's trials open child runs under the sweep'
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -23,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from muse.config import ConfigError, RunConfig, error_summary
+from muse.io import save_json
 
 if TYPE_CHECKING:
     import torch
@@ -285,16 +287,12 @@ def run_tracker(cfg: RunConfig, history_before: list[dict[str, Any]]) -> Tracker
     tracker = create_tracker(cfg)
     log_history(tracker, history_before)
     if isinstance(tracker, MlflowTracker):
-        from muse.io import save_json
-
         save_json(tracker.handle, cfg.output_dir / RUN_RECORD)
     return tracker
 
 
 def close_orphaned_run(cfg: RunConfig) -> str | None:
     """Mark KILLED the MLflow run recorded in output_dir if it is still RUNNING; its id, else None."""
-    import json
-
     try:
         handle = json.loads((cfg.output_dir / RUN_RECORD).read_text())
     except (OSError, ValueError):

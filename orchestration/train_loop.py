@@ -34,7 +34,7 @@ from muse.synthesis import SynthesisRecord
 from muse.teacher import load_teacher
 from muse.tracking import MlflowTracker, Tracker, epoch_metrics
 from orchestration.feed import GenerationFeed
-from orchestration.weight_store import NO_VERSION, StalenessPolicy, state_to_numpy
+from orchestration.weight_store import StalenessPolicy, state_to_numpy
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
@@ -72,8 +72,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         teacher_acc = teacher_accuracy(teacher_meta, teacher, splits.test, cfg, device)
     weight_store = ray.get_actor(loop_config["weight_store"])
     if rank == 0:  # after a worker-group restart the store holds the lost group's newer student: go back
-        ray.get(weight_store.reset.remote(distiller.student.state_dict() if distiller.steps > 0 else None,
-                                          distiller.steps if distiller.steps > 0 else NO_VERSION))
+        restored = state_to_numpy(distiller.student.state_dict()) if distiller.steps > 0 else None
+        ray.get(weight_store.reset.remote(restored, distiller.steps))
     if world > 1:
         torch.distributed.barrier()  # no rank asks for a batch before the store is reset
 

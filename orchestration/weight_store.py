@@ -57,8 +57,9 @@ class WeightStore:
         """Hold `state` as `version` whatever the store held: a Train worker group that restarts from a
         checkpoint goes back to an earlier student than the one its lost predecessor pushed (None, with
         NO_VERSION: no student yet)."""
-        self.ref = None if state is None else ray.put(state_to_numpy(state))
-        self.version = int(version) if state is not None else NO_VERSION
+        self.version, self.ref = NO_VERSION, None
+        if state is not None:
+            self.push(state, version)
 
     def pull_if_changed(self, version: int) -> tuple[int, ray.ObjectRef | None] | None:
         """`(latest_version, ref)` when the store holds another version than `version` (newer, or older after

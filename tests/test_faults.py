@@ -19,6 +19,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from ray.util.state import list_actors
 
+from muse.checkpoint import committed_checkpoints
 from muse.teacher import ensure_teacher
 from orchestration.runner import run
 
@@ -31,14 +32,6 @@ REPO = Path(__file__).resolve().parents[1]
 KILL_EVERY_S = 2
 RAY_SMALL = ["distill.kd_steps=10", "checkpoint_every=1", "ray.generators.num_cpus=0.5",
              "ray.train.cpus_per_worker=0.5"]
-
-
-def committed(run_dir: Path) -> int:
-    """How many checkpoints Ray Train's snapshot lists (0 while none, or while it is being written)."""
-    try:
-        return len(json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())["checkpoint_results"])
-    except (OSError, ValueError, KeyError):
-        return 0
 
 
 def alive_pids(class_name: str) -> list[int]:
@@ -65,7 +58,7 @@ def test_a_killed_train_worker_restarts_from_the_last_checkpoint(tmp_path, teach
     with train_ready_cluster(num_cpus=2):
         thread, outcome = run_in_thread(cfg)
         deadline = time.monotonic() + 420
-        while committed(cfg.output_dir) < 4 or not alive_pids("RayTrainWorker"):  # warm-up + 2 epochs committed
+        while len(committed_checkpoints(cfg.output_dir)) < 4 or not alive_pids("RayTrainWorker"):  # warm-up + 2 epochs committed
             assert thread.is_alive() and time.monotonic() < deadline, outcome
             time.sleep(0.5)
         [victim] = alive_pids("RayTrainWorker")
@@ -92,7 +85,7 @@ def test_generators_killed_again_and_again_lose_no_episode(tmp_path, teacher_dir
     with train_ready_cluster(num_cpus=2):
         thread, outcome = run_in_thread(cfg)
         deadline = time.monotonic() + 600
-        while committed(cfg.output_dir) < 1:  # under way: the first warm-up epoch is committed
+        while len(committed_checkpoints(cfg.output_dir)) < 1:  # under way: the first warm-up epoch is committed
             assert thread.is_alive() and time.monotonic() < deadline, outcome
             time.sleep(0.2)
         while thread.is_alive() and time.monotonic() < deadline:
@@ -129,7 +122,7 @@ def test_a_sigkilled_driver_resumes_and_its_mlflow_run_is_closed(tmp_path, teach
                                   start_new_session=True)
     try:
         deadline = time.monotonic() + 420
-        while committed(run_dir) < 3:
+        while len(committed_checkpoints(run_dir)) < 3:
             assert driver.poll() is None and time.monotonic() < deadline, (tmp_path / "first.log").read_text()[-3000:]
             time.sleep(0.5)
     finally:

@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
+from muse.checkpoint import committed_checkpoints
+
 from conftest import FAST_DIGITS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -74,7 +76,7 @@ def test_ctrl_c_of_the_ray_runner_keeps_the_last_checkpoint_and_resumes(tmp_path
                                start_new_session=True)
     try:
         deadline = time.monotonic() + 420
-        while committed(run_dir) < 4:  # 2 warm-up epochs and 2 distillation epochs committed
+        while len(committed_checkpoints(run_dir)) < 4:  # 2 warm-up epochs and 2 distillation epochs committed
             assert process.poll() is None and time.monotonic() < deadline, process.communicate()
             time.sleep(0.5)
         process.send_signal(signal.SIGINT)
@@ -100,11 +102,3 @@ def test_ctrl_c_of_the_ray_runner_keeps_the_last_checkpoint_and_resumes(tmp_path
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     final = json.loads((run_dir / "summary.json").read_text())
     assert "interrupted" not in final and final["epochs_done"] == 2 + 8
-
-
-def committed(run_dir: Path) -> int:
-    """How many checkpoints Ray Train's snapshot lists (0 while none, or while it is being written)."""
-    try:
-        return len(json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())["checkpoint_results"])
-    except (OSError, ValueError, KeyError):
-        return 0

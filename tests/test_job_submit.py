@@ -33,6 +33,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
+from muse.checkpoint import committed_checkpoints
 from muse.config import load_config
 from muse.teacher import ensure_teacher
 
@@ -275,17 +276,6 @@ def test_a_sweep_as_a_ray_job(head, tmp_path, teacher_dir, digits_splits):
     assert load_config(tmp_path / "sweep" / "best_config.yaml").loss.kr in (0.0, 1.0)
 
 
-def committed_checkpoints(run_dirs: Iterable[Path]) -> int:
-    """The checkpoints Ray Train's snapshots list in these run folders (a snapshot being written counts 0)."""
-    count = 0
-    for run_dir in run_dirs:
-        try:
-            count += len(json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())["checkpoint_results"])
-        except (OSError, ValueError, KeyError):
-            pass
-    return count
-
-
 def test_an_interrupted_sweep_continues_with_resume(head, tmp_path, teacher_dir, digits_splits):
     """Ctrl+C stops a sweep mid-trial; the same command plus --resume keeps the finished work, continues
     the unfinished trial from its newest checkpoint and runs the trial not yet started."""
@@ -311,7 +301,7 @@ def test_an_interrupted_sweep_continues_with_resume(head, tmp_path, teacher_dir,
         deadline = time.monotonic() + JOB_TIMEOUT_S
         # Interrupt once Ray Train has committed the first trial's checkpoint of its second distillation
         # epoch (after 2 warm-up epochs).
-        while committed_checkpoints(root.glob("trials/*/segment-00")) < 4:
+        while sum(len(committed_checkpoints(d)) for d in root.glob("trials/*/segment-00")) < 4:
             assert first.poll() is None and time.monotonic() < deadline, log.read_text()[-5000:]
             time.sleep(0.5)
         first.send_signal(signal.SIGINT)  # what Ctrl+C sends
