@@ -87,7 +87,17 @@ def _registered_model(name: str) -> str:
     return name
 
 
-class TeacherConfig(Section):
+class ComputeOptions(Section):
+    """How a stage computes (`muse.precision`): layout and precision, never the method."""
+
+    precision: Literal["fp32", "bf16"] = Field(
+        "fp32", description="bf16: mixed precision, forward passes under torch.autocast in bfloat16 (GPUs with bf16, "
+        "recent CPUs); parameters, gradients and optimizer state stay fp32")
+    channels_last: bool = Field(False, description="Models and image batches in the NHWC memory format (faster "
+                                "convolutions on GPUs and oneDNN CPUs; same values)")
+
+
+class TeacherConfig(ComputeOptions):
     arch: str = Field("digits_cnn", description="timm model name (ours are registered by importing muse.models)")
     _known_arch = field_validator("arch")(_registered_model)
     checkpoint: RunPath | None = Field(
@@ -182,7 +192,7 @@ class ResolutionConfig(Section):
         return self
 
 
-class SynthesisConfig(Section):
+class SynthesisConfig(ComputeOptions):
     source: Literal["generator", "noise"] = Field(
         "generator", description="noise: Gaussian noise, N(0,1) in the normalised input space (the floor baseline)"
     )
@@ -196,7 +206,7 @@ class SynthesisConfig(Section):
     augment: bool = Field(True, description="Random crop + flip inside the generator loop")
 
 
-class DistillConfig(Section):
+class DistillConfig(ComputeOptions):
     epochs: int = Field(40, ge=1, description="Epochs after warm-up")
     kd_steps: int = Field(20, ge=1, description="Student steps per epoch")
     batch_size: int = Field(128, ge=1)
@@ -365,8 +375,12 @@ class RunConfig(Section):
         resolution, training setting or seed is another file, never a stale teacher."""
         if self.teacher.checkpoint is not None:
             return self.teacher.checkpoint
+        # Compute options at their defaults stay out of the key, so teachers cached before they existed still count.
+        default_compute = {name for name, field in ComputeOptions.model_fields.items()
+                           if getattr(self.teacher, name) == field.default}
         defining = {"data": self.data.model_dump(mode="json", exclude={"eval_batch_size"}), "seed": self.seed,
-                    "teacher": self.teacher.model_dump(mode="json", exclude={"checkpoint", "train_if_missing"})}
+                    "teacher": self.teacher.model_dump(mode="json",
+                                                       exclude={"checkpoint", "train_if_missing", *default_compute})}
         key = hashlib.sha256(json.dumps(defining, sort_keys=True).encode()).hexdigest()[:10]
         return self.output_dir.parent / "teachers" / f"{self.data.name}-{self.teacher.arch}-{key}.pt"
 

@@ -15,6 +15,7 @@ from muse.config import RunConfig
 from muse.datasets import get_dataset
 from muse.losses import embedding_distance_loss, kd_loss
 from muse.pool import PoolBatch
+from muse.precision import Precision
 from muse.synthesis import SynthesisRecord
 from muse.student import StudentNet
 from muse.transforms import model_input, random_shift_flip
@@ -32,11 +33,12 @@ class Distiller:
                  parallel: Callable[[nn.Module], nn.Module] | None = None) -> None:
         self.cfg = cfg
         self.device = torch.device(device)
-        self.student = student.to(self.device)
+        self.precision = Precision.of(cfg.distill, self.device)
+        self.student = self.precision.model(student.to(self.device))
         # What the forward pass runs: the student itself, or a data-parallel wrapper of it (DDP); the
         # bare student is what gets checkpointed and shipped to the generators.
         self.model = parallel(self.student) if parallel is not None else self.student
-        self.teacher = teacher.to(self.device).eval().requires_grad_(False)
+        self.teacher = self.precision.model(teacher.to(self.device).eval().requires_grad_(False))
         self.embeddings = embeddings.to(self.device)
         self.mean = torch.tensor(mean, device=self.device)
         self.std = torch.tensor(std, device=self.device)
@@ -57,7 +59,9 @@ class Distiller:
         parts = [self._prepare(b) for b in (batches if isinstance(batches, list) else [batches])]
         student_inputs, teacher_logits, labels = (torch.cat(column) for column in zip(*parts))
         self.model.train()
-        student_logits, embedding = self.model(student_inputs)
+        with self.precision.forward_context():  # the network; the losses are computed in fp32
+            outputs = self.model(self.precision.images(student_inputs))
+        student_logits, embedding = (out.float() for out in outputs)
         terms = {"kd": kd_loss(student_logits, teacher_logits, self.cfg.loss.tau)}
         if self.cfg.loss.ed > 0:
             terms["ed"] = embedding_distance_loss(embedding, self.embeddings, labels, self.cfg.loss.ed_radius)
@@ -79,8 +83,9 @@ class Distiller:
         if self.cfg.distill.augment:
             images = random_shift_flip(images, flip=self.flip, generator=self.rng)
             teacher_resize = self.eval_resolution if self.cfg.resolution.teacher_input == "resize" else None
-            with torch.no_grad():
-                teacher_logits = self.teacher(model_input(images, self.mean, self.std, teacher_resize))
+            with torch.no_grad(), self.precision.forward_context():
+                teacher_logits = self.teacher(self.precision.images(
+                    model_input(images, self.mean, self.std, teacher_resize)))
         else:
             teacher_logits = torch.from_numpy(batch.teacher_logits).to(self.device)
         labels = torch.from_numpy(batch.labels).to(self.device)

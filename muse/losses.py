@@ -36,7 +36,7 @@ class BNStatisticsLoss:
     def _hook(self, module: nn.BatchNorm2d, inputs: tuple[torch.Tensor, ...], _output: torch.Tensor) -> None:
         if not self.active:
             return
-        x = inputs[0]
+        x = inputs[0].float()  # bf16 activations under autocast: statistics in fp32, as BatchNorm keeps them
         var, mean = torch.var_mean(x, dim=(0, 2, 3), unbiased=False)
         self._stats.append((mean, var))
         earlier = self.ema.get(self.key)

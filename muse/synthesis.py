@@ -23,6 +23,7 @@ from muse.datasets import get_dataset
 from muse.generator import NoisyLayerGenerator, class_cycle
 from muse.losses import BNStatisticsLoss, adversarial_loss, embedding_distance_loss, key_region_loss
 from muse.models import classifier_weight, features_and_logits, supports_cam
+from muse.precision import Precision
 from muse.student import StudentNet
 from muse.transforms import model_input, random_shift_flip
 
@@ -92,7 +93,8 @@ class Synthesizer:
                  device: torch.device | str = "cpu") -> None:
         self.cfg = cfg
         self.device = torch.device(device)
-        self.teacher = teacher.to(self.device).eval().requires_grad_(False)
+        self.precision = Precision.of(cfg.synthesis, self.device)
+        self.teacher = self.precision.model(teacher.to(self.device).eval().requires_grad_(False))
         self.embeddings = embeddings.to(self.device)
         self.in_chans = in_chans
         self.mean = torch.tensor(mean, device=self.device)
@@ -112,9 +114,10 @@ class Synthesizer:
     def _new_generator(self) -> NoisyLayerGenerator:
         g = self.cfg.generator
         torch.manual_seed(self.cfg.seed + 7919 * self.step)
-        return NoisyLayerGenerator(self.embeddings.cpu(), self.cfg.resolution.set, self.in_chans,
-                                   self.cfg.synthesis.batch_size, g.ngf, g.noise_dim, g.init_size,
-                                   g.output).to(self.device)
+        generator = NoisyLayerGenerator(self.embeddings.cpu(), self.cfg.resolution.set, self.in_chans,
+                                        self.cfg.synthesis.batch_size, g.ngf, g.noise_dim, g.init_size,
+                                        g.output).to(self.device)
+        return self.precision.model(generator)
 
     def maybe_rebuild(self, epoch: int) -> bool:
         """Rebuild the generator every `g_life` epochs (NAYER): a warm start that has drifted is reset."""
@@ -125,11 +128,11 @@ class Synthesizer:
 
     def _teacher_input(self, images01: torch.Tensor) -> torch.Tensor:
         resize_to = self.eval_resolution if self.cfg.resolution.teacher_input == "resize" else None
-        return model_input(images01, self.mean, self.std, resize_to)
+        return self.precision.images(model_input(images01, self.mean, self.std, resize_to))
 
     def _student_input(self, images01: torch.Tensor) -> torch.Tensor:
         resize_to = self.eval_resolution if self.cfg.resolution.student_input == "resize" else None
-        return model_input(images01, self.mean, self.std, resize_to)
+        return self.precision.images(model_input(images01, self.mean, self.std, resize_to))
 
     def episode(self, resolution: int, student: StudentNet | None = None, student_version: int = -1,
                 adversarial: bool = False) -> SynthesisRecord:
@@ -152,8 +155,8 @@ class Synthesizer:
             finally:
                 if student is not None:
                     student.requires_grad_(True)
-        with torch.no_grad():
-            teacher_logits = self.teacher(self._teacher_input(best_images))
+        with torch.no_grad(), self.precision.forward_context():
+            teacher_logits = self.teacher(self._teacher_input(best_images)).float()
         self.step += 1
         return SynthesisRecord(
             images=encode_images(best_images, self.cfg.pool.image_dtype),
@@ -174,22 +177,25 @@ class Synthesizer:
         self.generator.train()
         best_total, best_images, best_losses = float("inf"), None, {}
         for _ in range(cfg.g_steps):
-            images = self.generator(labels, resolution)
-            seen = random_shift_flip(images, flip=self.flip, generator=self.rng) if cfg.augment else images
-            self.bn_loss.start(resolution)
-            feature_map, teacher_logits = features_and_logits(self.teacher, self._teacher_input(seen))
+            with self.precision.forward_context():  # the networks; every loss below is computed in fp32
+                images = self.generator(labels, resolution)
+                seen = random_shift_flip(images, flip=self.flip, generator=self.rng) if cfg.augment else images
+                self.bn_loss.start(resolution)
+                feature_map, teacher_logits = features_and_logits(self.teacher, self._teacher_input(seen))
+                student_out = student(self._student_input(seen)) if student is not None else None
+            teacher_logits = teacher_logits.float()
             terms = {"bn": self.bn_loss.loss(), "ce": F.cross_entropy(teacher_logits, labels)}
             if weights.kr > 0:
-                terms["kr"] = key_region_loss(feature_map, self.class_weight, labels, weights.cam_sigma)
-            if student is not None:
-                student_logits, student_embedding = student(self._student_input(seen))
+                terms["kr"] = key_region_loss(feature_map.float(), self.class_weight, labels, weights.cam_sigma)
+            if student_out is not None:
+                student_logits, student_embedding = (out.float() for out in student_out)
                 terms["adv"] = adversarial_loss(student_logits, teacher_logits)
                 if weights.aed > 0:
                     ed = embedding_distance_loss(student_embedding, self.embeddings, labels, weights.ed_radius)
                     terms["aed"] = -ed
             total = sum(getattr(weights, name) * value for name, value in terms.items())
             if total.item() < best_total:
-                best_total, best_images = total.item(), images.detach()
+                best_total, best_images = total.item(), images.detach().float()
                 best_losses = {name: value.item() for name, value in terms.items()} | {"total": total.item()}
             optimizer.zero_grad(set_to_none=True)
             total.backward()

@@ -15,11 +15,12 @@ from torch import nn
 from tqdm import tqdm
 
 import muse.models  # noqa: F401  (registers our architectures with timm)
-from muse.config import ConfigError, RunConfig
+from muse.config import ComputeOptions, ConfigError, RunConfig
 from muse.data import DatasetInfo, ImageSplits, iterate_batches
 from muse.distillation import cosine_schedule
 from muse.evaluate import LARGE_TEST_SPLIT, topk_accuracy
 from muse.io import save_torch
+from muse.precision import Precision
 from muse.saved_models import TEACHER_FORMAT, load_classifier
 from muse.datasets import get_dataset
 from muse.transforms import random_shift_flip
@@ -28,9 +29,11 @@ from muse.transforms import random_shift_flip
 
 def train_supervised(model: nn.Module, splits: ImageSplits, epochs: int, batch_size: int, lr: float,
                      weight_decay: float, seed: int, device: torch.device | str = "cpu",
-                     desc: str = "train") -> float:
-    """Cross-entropy training on the real training split (shift/flip augmentation, SGD, cosine LR).
-    Returns test accuracy in percent. Used for teachers and for the `real` reference student."""
+                     desc: str = "train", compute: ComputeOptions | None = None) -> float:
+    """Cross-entropy training on the real training split (shift/flip augmentation, SGD, cosine LR), with
+    `compute`'s autocast and memory format (default: fp32, NCHW). Returns test accuracy in percent. Used
+    for teachers and for the `real` reference student."""
+    precision = Precision.of(compute or ComputeOptions(), torch.device(device))
     torch.manual_seed(seed)
     order = torch.Generator().manual_seed(seed)
     steps_per_epoch = math.ceil(len(splits.train) / batch_size)
@@ -38,12 +41,14 @@ def train_supervised(model: nn.Module, splits: ImageSplits, epochs: int, batch_s
                                 nesterov=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_schedule(epochs * steps_per_epoch))
     flip = get_dataset(splits.info.name).flip_safe
-    model.to(device).train()
+    precision.model(model.to(device)).train()
     bar = tqdm(total=epochs * steps_per_epoch, desc=desc, unit="batch", dynamic_ncols=True)
     for epoch in range(epochs):
         for images, labels in iterate_batches(splits.train, batch_size, shuffle=order):
-            images = random_shift_flip(images.to(device), flip=flip)
-            loss = F.cross_entropy(model(images), labels.to(device))
+            images = precision.images(random_shift_flip(images.to(device), flip=flip))
+            with precision.forward_context():
+                logits = model(images)
+            loss = F.cross_entropy(logits.float(), labels.to(device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -63,7 +68,7 @@ def train_teacher(cfg: RunConfig, splits: ImageSplits, device: torch.device | st
     started = time.perf_counter()
     t = cfg.teacher
     test_acc = train_supervised(model, splits, t.epochs, t.batch_size, t.lr, t.weight_decay, cfg.seed, device,
-                                desc=f"teacher {t.arch}")
+                                desc=f"teacher {t.arch}", compute=t)
     meta = {
         "arch": t.arch, "dataset": info.name, "num_classes": info.num_classes,
         "class_names": list(info.class_names), "in_chans": info.in_chans, "mean": list(info.mean),

@@ -11,21 +11,22 @@ import torch.nn.functional as F
 def random_shift_flip(images: torch.Tensor, max_shift: float = 0.125, flip: bool = True,
                       generator: torch.Generator | None = None) -> torch.Tensor:
     """Shift each image by a whole number of pixels up to `max_shift`·size (what RandomCrop with
-    padding does), and mirror half of them when `flip`. Gradients flow to `images`."""
+    padding does: zeros come in at the edges), and mirror half of them when `flip`. Gradients flow to
+    `images`. One gather from the zero-padded batch: the values of nearest-neighbour `grid_sample` at
+    integer offsets, at about half its cost."""
     batch, _, height, width = images.shape
     device = images.device
     max_pixels = int(round(max_shift * height))
     shifts = torch.randint(-max_pixels, max_pixels + 1, (batch, 2), generator=generator).to(device)
-    signs = torch.ones(batch, device=device)
+    mirrored = torch.zeros(batch, dtype=torch.bool, device=device)
     if flip:
-        signs = torch.where(torch.rand(batch, generator=generator).to(device) < 0.5, -signs, signs)
-    theta = torch.zeros(batch, 2, 3, device=device, dtype=images.dtype)
-    theta[:, 0, 0] = signs
-    theta[:, 1, 1] = 1.0
-    theta[:, 0, 2] = shifts[:, 0] * 2.0 / width
-    theta[:, 1, 2] = shifts[:, 1] * 2.0 / height
-    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
-    return F.grid_sample(images, grid, mode="nearest", padding_mode="zeros", align_corners=False)
+        mirrored = (torch.rand(batch, generator=generator) < 0.5).to(device)
+    cols = torch.arange(width, device=device).expand(batch, width)
+    cols = torch.where(mirrored[:, None], width - 1 - cols, cols) + shifts[:, :1] + max_pixels
+    rows = torch.arange(height, device=device).expand(batch, height) + shifts[:, 1:] + max_pixels
+    padded = F.pad(images, (max_pixels,) * 4).permute(0, 2, 3, 1)  # [B, H+2p, W+2p, C]
+    samples = torch.arange(batch, device=device)[:, None, None]
+    return padded[samples, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2).contiguous()
 
 
 def resize(images: torch.Tensor, resolution: int) -> torch.Tensor:
