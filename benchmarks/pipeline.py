@@ -1,15 +1,27 @@
-"""How well the Ray pipeline overlaps generation and distillation, on one fixed amount of work.
+"""How close the Ray pipeline comes to what the machine allows, on one fixed amount of work.
 
     python benchmarks/pipeline.py --json pipeline.json [--generators 1,2] [overrides...]
 
 Same work in every mode: the synthesis episodes and KD steps of one (small) digits run, same models.
-- sequential: the single-process engine (`muse.engine.run_distillation`), loop time only;
-- generate_only: the same episodes, nothing else; distill_only: the same KD steps on a filled pool;
+- generate_only, distill_only: the stages alone, in this process at one torch thread;
+- sequential: the single-process engine (`muse.engine.run_distillation`), loop time only, at one torch
+  thread (`sequential_s`) and at all cores (`sequential_all_cores_s`);
 - pipeline N: `orchestration.run` with N generator actors and one Train worker, from the first epoch
-  to the last (reports and checkpoints included; cluster, actor and worker start-up reported apart).
-overlap_efficiency = max(generate_only, distill_only) / pipeline (1.0: perfect overlap);
-feed_overhead = share of the generators' wall time not spent synthesising (weight pulls, transfer,
-waiting for the trainer); object_store_peak_mb is sampled while the pipeline runs.
+  to the last (reports and checkpoints included). Start-up is reported apart: `startup_s` (run() called
+  → first synthesis episode back in the Train worker), `teardown_s` (last epoch → run() returns) and
+  `cluster_start_s` (ray.init of the local cluster, once); `startup_parts` splits start-up at the generator
+  actors being up and the Train worker entering its loop function.
+
+Derived (`derive`):
+- machine_efficiency = max(distill, (generate + distill) / cores) / pipeline: the best this machine allows
+  with every core busy (stage times at one thread), over what the pipeline took (1.0: the machine's best);
+- overlap_efficiency = max(generate, distill) / pipeline: the speed-up over the slower stage run alone
+  (above 1 with several generators; kept for continuity, not an efficiency);
+- feed_overhead = share of the generators' wall time not spent synthesising (weight pulls, transfer,
+  waiting for the trainer).
+Every mode reports its final student accuracy and the staleness of its batches (student steps between
+the weights an episode saw and the step that took it; 0 by construction in the sequential loop).
+object_store_peak_mb is sampled while the pipeline runs.
 """
 
 from __future__ import annotations
@@ -108,39 +120,43 @@ def main() -> None:
     parser.add_argument("--generator-cpus", type=float, default=None,
                         help="CPUs per actor (default: share what the Train worker leaves)")
     parser.add_argument("--gpu", action="store_true", help="generators and the Train worker on the GPU")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads for the in-process modes (Ray gives each actor/worker 1 per CPU)")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--out", type=Path, default=Path("runs/bench-pipeline"))
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
     out = args.out.resolve()
+    cores = os.cpu_count() or 2
     device = ["device=cuda"] if args.gpu else []
     base = [*WORK, *device, f"teacher.checkpoint={out / 'teacher.pt'}", *args.overrides]
     cfg = load_config(args.config, [*base, f"output_dir={out / 'sequential'}"])
     splits = load_dataset(cfg.data)
     ensure_teacher(cfg, splits)  # trained once, outside every timed mode
 
-    fresh_folder(cfg.output_dir)
-    sequential = run_distillation(cfg, splits, progress=False)
-    evals = len(sequential["history"])
+    torch.set_num_threads(1)
+    sequential = timed_sequential(cfg, splits)
     report: dict[str, Any] = {
-        "device": "cuda" if args.gpu else f"cpu ({os.cpu_count()} cores)",
+        "device": "cuda" if args.gpu else f"cpu ({cores} cores)", "cores": cores,
         "work": {"episodes": episodes_of(cfg), "kd_steps": cfg.distill.epochs * cfg.distill.kd_steps,
                  "synthesis_batch": cfg.synthesis.batch_size, "resolutions": cfg.resolution.set},
-        "sequential_s": sequential["wall_s"], "sequential_evals": evals,
+        "sequential_s": sequential["wall_s"], "sequential_evals": len(sequential["history"]),
+        "sequential_acc": sequential["student_acc"],
         "generate_only_s": time_generate_only(cfg, splits),
         "distill_only_s": time_distill_only(cfg, splits),
-        "pipeline_s": {}, "startup_s": {}, "feed_overhead": {}, "object_store_peak_mb": {},
-        "batches_per_s": {}, "pipeline_acc": {}, "sequential_acc": sequential["student_acc"],
     }
-    total_cpus = os.cpu_count() or 2
-    ray.init(address="local", num_cpus=total_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
+    torch.set_num_threads(cores)
+    all_cores = timed_sequential(cfg.model_copy(update={"output_dir": out / "sequential-all-cores"}), splits)
+    report |= {"sequential_all_cores_s": all_cores["wall_s"], "sequential_all_cores_acc": all_cores["student_acc"]}
+    torch.set_num_threads(1)
+    for key in ("pipeline_s", "startup_s", "startup_parts", "teardown_s", "feed_overhead", "object_store_peak_mb",
+                "batches_per_s", "pipeline_acc", "staleness"):
+        report[key] = {}
+    started = time.perf_counter()
+    ray.init(address="local", num_cpus=cores, include_dashboard=True, dashboard_host="127.0.0.1",
              _node_ip_address="127.0.0.1")
+    report["cluster_start_s"] = time.perf_counter() - started
     try:
         for count in [int(c) for c in args.generators.split(",")]:
-            cpus = args.generator_cpus or max(0.25, (total_cpus - 1) / count)
+            cpus = args.generator_cpus or max(0.25, (cores - 1) / count)
             gpu = ["ray.train.use_gpu=true", "ray.generators.num_gpus=0.25"] if args.gpu else []
             run_cfg = load_config(args.config, [*base, *gpu, f"output_dir={out / f'pipeline-{count}'}",
                                                 f"ray.generators.count={count}", f"ray.generators.num_cpus={cpus}",
@@ -148,37 +164,76 @@ def main() -> None:
             fresh_folder(run_cfg.output_dir)
             with ObjectStoreSampler() as sampler:
                 summary = run_pipeline(run_cfg)
-            loop_s = summary["loop_s"]
-            synthesis_s = summary["synthesis"]["synthesis_s"]
-            key = str(count)
-            report["pipeline_s"][key] = loop_s
-            report["startup_s"][key] = summary["wall_s"] - loop_s
-            report["feed_overhead"][key] = max(0.0, 1.0 - synthesis_s / (loop_s * count))
-            report["object_store_peak_mb"][key] = sampler.peak_mb
-            report["batches_per_s"][key] = summary["synthesis_episodes"] / loop_s
-            report["pipeline_acc"][key] = summary["student_acc"]
+            record_pipeline(report, str(count), count, summary, sampler.peak_mb)
     finally:
         ray.shutdown()
-    busiest = max(report["generate_only_s"], report["distill_only_s"])
-    report["overlap_efficiency"] = {k: busiest / v for k, v in report["pipeline_s"].items()}
+    report |= derive(report)
     print(format_table(report))
     if args.json:
         save_json(report, args.json)
         print(f"wrote {args.json}")
 
 
+def timed_sequential(cfg: RunConfig, splits) -> dict[str, Any]:
+    """The single-process run; `wall_s` is its epoch loop alone (like the pipeline's `pipeline_s`)."""
+    fresh_folder(cfg.output_dir)
+    summary = run_distillation(cfg, splits, progress=False)
+    return summary | {"wall_s": summary["loop_s"]}
+
+
+def record_pipeline(report: dict[str, Any], key: str, count: int, summary: dict[str, Any], peak_mb: float) -> None:
+    loop_s = summary["loop_s"]
+    timing = summary["timing"]
+    report["pipeline_s"][key] = loop_s
+    report["startup_s"][key] = timing["startup_s"]
+    report["startup_parts"][key] = {"actors_ready_s": timing["actors_ready_s"],
+                                    "workers_started_s": timing["workers_started_s"]}
+    report["teardown_s"][key] = summary["wall_s"] - timing["startup_s"] - loop_s
+    report["feed_overhead"][key] = max(0.0, 1.0 - summary["synthesis"]["synthesis_s"] / (loop_s * count))
+    report["object_store_peak_mb"][key] = peak_mb
+    report["batches_per_s"][key] = summary["synthesis_episodes"] / loop_s
+    report["pipeline_acc"][key] = summary["student_acc"]
+    ranks = [s for s in summary["staleness"] if s]
+    report["staleness"][key] = {"mean": sum(s["mean_staleness"] for s in ranks) / max(1, len(ranks)),
+                                "max": max((s["max_staleness"] for s in ranks), default=0)}
+
+
+def derive(report: dict[str, Any]) -> dict[str, Any]:
+    """The efficiencies, from stage and pipeline times (see the module docstring)."""
+    generate, distill, cores = report["generate_only_s"], report["distill_only_s"], report["cores"]
+    machine_best = max(distill, (generate + distill) / cores)
+    pipelines = report["pipeline_s"]
+    best = min(pipelines, key=pipelines.get) if pipelines else None
+    return {"machine_best_s": machine_best,
+            "machine_efficiency": {k: machine_best / v for k, v in pipelines.items()},
+            "overlap_efficiency": {k: max(generate, distill) / v for k, v in pipelines.items()},
+            "best_generators": best,
+            "best_vs_sequential_all_cores": (report["sequential_all_cores_s"] / pipelines[best]) if best else None}
+
+
 def format_table(report: dict[str, Any]) -> str:
     work = report["work"]
     lines = [f"work: {work['episodes']} synthesis episodes × {work['synthesis_batch']} images "
-             f"@ {work['resolutions']}, {work['kd_steps']} KD steps; {report['device']}",
-             f"{'mode':<16} {'seconds':>8} {'batches/s':>10} {'overlap':>8} {'feed ovh':>9} {'store MB':>9}",
-             f"{'sequential':<16} {report['sequential_s']:>8.1f}",
-             f"{'generate only':<16} {report['generate_only_s']:>8.1f}",
-             f"{'distill only':<16} {report['distill_only_s']:>8.1f}"]
+             f"@ {work['resolutions']}, {work['kd_steps']} KD steps; {report['device']}; "
+             f"the machine's best: {report['machine_best_s']:.1f} s",
+             f"{'mode':<22} {'seconds':>8} {'machine eff':>11} {'feed ovh':>9} {'staleness':>10} {'final acc':>9}",
+             f"{'generate only (1 thr)':<22} {report['generate_only_s']:>8.1f}",
+             f"{'distill only (1 thr)':<22} {report['distill_only_s']:>8.1f}",
+             f"{'sequential (1 thread)':<22} {report['sequential_s']:>8.1f} {'':>11} {'':>9} {'0 / 0':>10} "
+             f"{report['sequential_acc']:>9.2f}",
+             f"{'sequential (all cores)':<22} {report['sequential_all_cores_s']:>8.1f} {'':>11} {'':>9} {'0 / 0':>10} "
+             f"{report['sequential_all_cores_acc']:>9.2f}"]
     for key, seconds in report["pipeline_s"].items():
-        lines.append(f"{'pipeline ' + key + ' gen':<16} {seconds:>8.1f} {report['batches_per_s'][key]:>10.2f} "
-                     f"{report['overlap_efficiency'][key]:>8.2f} {report['feed_overhead'][key]:>9.2f} "
-                     f"{report['object_store_peak_mb'][key]:>9.1f}")
+        stale = report["staleness"][key]
+        lines.append(f"{'pipeline ' + key + ' gen':<22} {seconds:>8.1f} {report['machine_efficiency'][key]:>11.2f} "
+                     f"{report['feed_overhead'][key]:>9.2f} {stale['mean']:>5.1f} / {stale['max']:<3} "
+                     f"{report['pipeline_acc'][key]:>9.2f}")
+    lines.append(f"local cluster start: {report['cluster_start_s']:.1f} s; start-up, run() called → actors up / "
+                 "Train worker in its loop / first batch back:")
+    for key, seconds in report["startup_s"].items():
+        parts = report["startup_parts"][key]
+        lines.append(f"  {key} gen: {parts['actors_ready_s']:.1f} / {parts['workers_started_s']:.1f} / {seconds:.1f} s"
+                     f" (teardown {report['teardown_s'][key]:.1f} s)")
     return "\n".join(lines)
 
 

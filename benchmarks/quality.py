@@ -55,7 +55,8 @@ def run_method(tier: str, method: str, seed: int, out: Path, extra: list[str], t
         student = timm.create_model(cfg.student.arch, num_classes=splits.info.num_classes,
                                     in_chans=splits.info.in_chans)
         acc = train_supervised(student, splits, cfg.teacher.epochs, cfg.teacher.batch_size, cfg.teacher.lr,
-                               cfg.teacher.weight_decay, seed, resolve_device(cfg.device), desc=f"real s{seed}")
+                               cfg.teacher.weight_decay, seed, resolve_device(cfg.device), desc=f"real s{seed}",
+                               compute=cfg.teacher)
         return row | {"student_acc": acc, "best_acc": acc, "wall_s": time.perf_counter() - started,
                       "images": len(splits.train), "pixels": None}
     summary = run_distillation(cfg, splits)

@@ -64,6 +64,7 @@ class GenerationFeed:
         self._cursor = 0
         self.records = 0
         self.wait_s = 0.0  # time blocked in ray.wait: the feed's overhead as seen by the trainer
+        self.first_record_at: float | None = None  # time.time() of the first batch back (start-up's end)
         self.actor_failures = 0
         self.last_error: BaseException | None = None
 
@@ -120,6 +121,7 @@ class GenerationFeed:
             if replace:
                 self._fill(new_calls=True)
             self.records += 1
+            self.first_record_at = self.first_record_at or time.time()
             return record_from_dict(payload, copy=self.copy_arrays)
 
     def close(self, grace_s: float = 5.0) -> None:

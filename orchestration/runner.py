@@ -92,7 +92,7 @@ def run(cfg: RunConfig, checkpoint: ray.train.Checkpoint | None = None, stop_aft
     Without `tracker` the run opens its own MLflow run and closes it; a caller that passes one (a sweep
     trial, which may fit several segments into one run) logs the final files and closes it itself.
     `callbacks` are Ray Train callbacks (e.g. the Tune report callback of a sweep)."""
-    started = time.perf_counter()
+    started, started_at = time.perf_counter(), time.time()
     cfg = cfg.model_copy(update={"output_dir": cfg.output_dir.resolve()})
     prepare_output_dir(cfg.output_dir, fresh=checkpoint is None, overwrite=overwrite)
     if tracker is None:
@@ -112,6 +112,7 @@ def run(cfg: RunConfig, checkpoint: ray.train.Checkpoint | None = None, stop_aft
     interrupted = False
     try:
         wait_until_ready(actors)
+        actors_ready_at = time.time()
         t = cfg.ray.train
         trainer = TorchTrainer(
             train_loop_per_worker,
@@ -151,7 +152,8 @@ def run(cfg: RunConfig, checkpoint: ray.train.Checkpoint | None = None, stop_aft
         else:
             finish_tracking(tracker, cfg, summary, step=summary["epochs_done"], status="KILLED")
         raise RunInterrupted(summary)
-    summary = summarize(cfg, result.checkpoint, time.perf_counter() - started, splits.info)
+    summary = summarize(cfg, result.checkpoint, time.perf_counter() - started, splits.info,
+                        start_marks=(started_at, actors_ready_at))
     if owns_tracker:
         finish_tracking(tracker, cfg, summary, step=summary["epochs_done"])
     return summary
@@ -191,9 +193,12 @@ def summarize_interrupted(cfg: RunConfig, wall_s: float, info: DatasetInfo) -> d
 
 
 def summarize(cfg: RunConfig, checkpoint: ray.train.Checkpoint, wall_s: float, info: DatasetInfo,
-              interrupted: bool = False) -> dict[str, Any]:
+              interrupted: bool = False, start_marks: tuple[float, float] | None = None) -> dict[str, Any]:
     """The run's summary, read from the final checkpoint (synthesis counts summed over every rank) and
-    written with the student to output_dir; `interrupted` marks it as the state where Ctrl+C left the run."""
+    written with the student to output_dir; `interrupted` marks it as the state where Ctrl+C left the run.
+    With `start_marks` (time.time() when run() was called, and when the generator actors were up) it
+    reports start-up: seconds from run() called to the actors up, to the Train workers in their loop
+    function, and to the first synthetic batch back in a Train worker (`startup_s`)."""
     with checkpoint.as_directory() as directory:
         saved, ranks = read_saved_run(Path(directory)), list(read_ranks(Path(directory)).values())
     summary = build_summary(cfg, teacher_acc=saved.teacher_acc, history=saved.history,
@@ -201,7 +206,15 @@ def summarize(cfg: RunConfig, checkpoint: ray.train.Checkpoint, wall_s: float, i
                             loop_s=max(rank["loop_s"] for rank in ranks), kd_steps=saved.kd_steps,
                             episodes=sum(rank["episodes"] for rank in ranks), epochs_done=saved.epoch)
     summary |= {"checkpoint": checkpoint.path, "feed": [rank["source"]["feed"] for rank in ranks],
+                "staleness": [rank["source"].get("staleness", {}) for rank in ranks],  # since the last (re)start
                 "ray": cfg.ray.model_dump(mode="json")}
+    first_batches = [rank["source"].get("first_record_at") for rank in ranks]
+    worker_starts = [rank["source"].get("worker_started_at") for rank in ranks]
+    if start_marks is not None and all(first_batches) and all(worker_starts):
+        started_at, actors_ready_at = start_marks
+        summary["timing"] = {"actors_ready_s": actors_ready_at - started_at,
+                             "workers_started_s": max(worker_starts) - started_at,
+                             "startup_s": min(first_batches) - started_at}
     if interrupted:
         summary["interrupted"] = {"after_epoch": saved.epoch, "resume_from": Path(checkpoint.path).name}
     save_outputs(cfg, summary, saved.student_state, info)

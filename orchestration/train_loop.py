@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """Entry point of every Train worker. `loop_config`: run (RunConfig as JSON dict), generators
     (actor handles), weight_store (actor name), stop_after_epoch (optional, for staged runs), resume_from
     (optional Checkpoint), tracking (optional MLflow run handle that rank 0 logs each epoch to)."""
+    entered_at = time.time()  # start-up accounting: the worker process is up and has imported this module
     cfg = RunConfig.model_validate(loop_config["run"])
     _set_report_log_level(cfg.ray.train.log_level)
     context = ray.train.get_context()
@@ -86,7 +88,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     tracker = MlflowTracker.attach(tracking if rank == 0 else None)
     hooks = RayWorkerHooks(cfg, rank, world, actors, weight_store, feed, policy,
                            distiller, pool, tracker, teacher=teacher, info=info,
-                           teacher_acc=teacher_acc)
+                           teacher_acc=teacher_acc, entered_at=entered_at)
 
     def evaluate(model: torch.nn.Module) -> float:
         return accuracy(model, splits.test, cfg.data.eval_batch_size, device)
@@ -126,11 +128,12 @@ class RayWorkerHooks(EpochHooks):
     def __init__(self, cfg: RunConfig, rank: int, world: int, actors: list[ActorHandle], weight_store: ActorHandle,
                  feed: GenerationFeed, policy: StalenessPolicy, distiller: Distiller, pool: SyntheticPool,
                  tracker: Tracker, *, teacher: torch.nn.Module, info: DatasetInfo,
-                 teacher_acc: float | None) -> None:
+                 teacher_acc: float | None, entered_at: float | None = None) -> None:
         self.cfg, self.rank, self.world, self.actors, self.weight_store = cfg, rank, world, actors, weight_store
         self.feed, self.policy, self.distiller, self.pool = feed, policy, distiller, pool
         self.tracker, self.teacher, self.info = tracker, teacher, info
         self.teacher_acc = teacher_acc
+        self.entered_at = entered_at
         self.last_run_tally = SynthesisTally()
 
     def before_kd(self, distiller: Distiller) -> None:
@@ -188,7 +191,9 @@ class RayWorkerHooks(EpochHooks):
         generators = ray.get([actor.get_state.remote() for actor in self.actors]) if self.rank == 0 else None
         with tempfile.TemporaryDirectory() as tmp:
             write_checkpoint(Path(tmp), self.rank, self.cfg, state, self.distiller, self.pool,
-                             source_state=feed_state(self.feed), generators=generators,
+                             source_state=feed_state(self.feed) | {"staleness": self.policy.metrics(),
+                                                                   "worker_started_at": self.entered_at},
+                             generators=generators,
                              teacher_acc=self.teacher_acc)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
@@ -196,7 +201,7 @@ class RayWorkerHooks(EpochHooks):
 def feed_state(feed: GenerationFeed) -> dict[str, Any]:
     """A feed's episode numbering (a resumed run numbers on past it) and counters, for a checkpoint."""
     return {"issued": feed.issued, "start_episode": feed.start_episode, "world_size": feed.world_size,
-            "feed": feed.metrics()}
+            "feed": feed.metrics(), "first_record_at": feed.first_record_at}
 
 
 def _set_report_log_level(level: str) -> None:

@@ -1,0 +1,64 @@
+"""The benchmarks' arithmetic, on fake reports (the measurements themselves are scripts, not tests)."""
+
+from __future__ import annotations
+
+import pytest
+
+from benchmarks.pipeline import derive, format_table, record_pipeline
+from benchmarks.stages import row
+
+
+def fake_pipeline_report() -> dict:
+    """The shape of issue 12's measurement: 2 cores, generate 34.2 s and distill 4.1 s at one thread."""
+    report = {"device": "cpu (2 cores)", "cores": 2,
+              "work": {"episodes": 16, "kd_steps": 120, "synthesis_batch": 100, "resolutions": [8, 16]},
+              "generate_only_s": 34.2, "distill_only_s": 4.1, "sequential_s": 38.7, "sequential_acc": 82.2,
+              "sequential_all_cores_s": 30.0, "sequential_all_cores_acc": 81.0, "cluster_start_s": 4.0}
+    for key in ("pipeline_s", "startup_s", "startup_parts", "teardown_s", "feed_overhead", "object_store_peak_mb",
+                "batches_per_s", "pipeline_acc", "staleness"):
+        report[key] = {}
+    return report
+
+
+def fake_summary(loop_s: float, synthesis_s: float, wall_s: float, startup_s: float) -> dict:
+    return {"loop_s": loop_s, "wall_s": wall_s, "synthesis_episodes": 18,
+            "timing": {"startup_s": startup_s, "actors_ready_s": 3.0, "workers_started_s": 12.0},
+            "synthesis": {"synthesis_s": synthesis_s}, "student_acc": 80.0,
+            "staleness": [{"mean_staleness": 4.0, "max_staleness": 12}, {"mean_staleness": 2.0, "max_staleness": 20}]}
+
+
+def test_machine_efficiency_is_the_machines_best_over_the_pipeline():
+    report = fake_pipeline_report()
+    record_pipeline(report, "1", 1, fake_summary(34.4, 33.0, 60.0, 20.0), 1.0)
+    record_pipeline(report, "2", 2, fake_summary(25.3, 44.2, 50.0, 21.0), 2.0)
+    derived = derive(report)
+    assert derived["machine_best_s"] == pytest.approx((34.2 + 4.1) / 2)  # the cores, not the trainer, bind
+    assert derived["machine_efficiency"]["2"] == pytest.approx(19.15 / 25.3)
+    assert derived["machine_efficiency"]["1"] == pytest.approx(19.15 / 34.4)
+    assert derived["overlap_efficiency"]["2"] == pytest.approx(34.2 / 25.3)  # the old, speed-up figure
+    assert derived["best_generators"] == "2"
+    assert derived["best_vs_sequential_all_cores"] == pytest.approx(30.0 / 25.3)
+
+
+def test_a_trainer_bound_machine_is_bounded_by_distillation():
+    report = fake_pipeline_report() | {"generate_only_s": 2.0, "distill_only_s": 10.0}
+    record_pipeline(report, "1", 1, fake_summary(12.5, 2.0, 20.0, 5.0), 0.0)
+    assert derive(report)["machine_efficiency"]["1"] == pytest.approx(10.0 / 12.5)
+
+
+def test_pipeline_record_splits_startup_loop_and_teardown_and_reads_staleness():
+    report = fake_pipeline_report()
+    record_pipeline(report, "2", 2, fake_summary(25.0, 45.0, 50.0, 21.0), 2.0)
+    assert report["feed_overhead"]["2"] == pytest.approx(1 - 45.0 / 50.0)
+    assert report["startup_s"]["2"] == 21.0 and report["teardown_s"]["2"] == pytest.approx(4.0)
+    assert report["staleness"]["2"] == {"mean": 3.0, "max": 20}
+    assert report["batches_per_s"]["2"] == pytest.approx(18 / 25.0)
+    report |= derive(report)
+    table = format_table(report)
+    assert "pipeline 2 gen" in table and "0.77" in table and "3.0 / 20" in table
+
+
+def test_stage_overhead_is_plain_throughput_over_ours():
+    r = row("distillation", images=1000, ours_s=4.0, plain_s=2.0, pixels_per_image=256)
+    assert r["ours_images_s"] == 250.0 and r["plain_images_s"] == 500.0
+    assert r["overhead"] == 2.0 and r["ours_pixels_s"] == 250.0 * 256
