@@ -65,6 +65,7 @@ class GenerationFeed:
         self.records = 0
         self.wait_s = 0.0  # time blocked in ray.wait: the feed's overhead as seen by the trainer
         self.first_record_at: float | None = None  # time.time() of the first batch back (start-up's end)
+        self.first_call_at: float | None = None  # time.time() of the first call submitted (synthesis starts)
         self.actor_failures = 0
         self.last_error: BaseException | None = None
 
@@ -75,6 +76,11 @@ class GenerationFeed:
     @property
     def live_actors(self) -> int:
         return len(self.actors) - len(self._dead)
+
+    def start(self) -> GenerationFeed:
+        """Submit the first K calls now (otherwise the first `next_record` does)."""
+        self._fill(new_calls=True)
+        return self
 
     def set_phase(self, epoch: int, adversarial: bool) -> None:
         """The epoch and adversarial flag for calls submitted from now on."""
@@ -154,6 +160,7 @@ class GenerationFeed:
                 return
             call = self._retry.popleft() if self._retry else self._new_call()
             call.actor = self._choose_actor()
+            self.first_call_at = self.first_call_at or time.time()
             ref = self.actors[call.actor].generate.remote(call.epoch, call.episode, self.resolution,
                                                           call.adversarial)
             self._pending[ref] = call

@@ -13,7 +13,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import ray
 import ray.train
@@ -101,18 +101,19 @@ def run(cfg: RunConfig, checkpoint: ray.train.Checkpoint | None = None, stop_aft
     teacher, _ = ensure_teacher(cfg, splits, resolve_device("cpu" if cfg.device == "auto" else cfg.device))
     cfg = applicable_key_region(cfg, teacher, splits.info.in_chans, splits.info.resolution)
     owns_tracker = tracker is None
-    if tracker is None:  # a resumed run's MLflow run starts with the epochs before the resume
-        with contextlib.nullcontext(None) if checkpoint is None else checkpoint.as_directory() as directory:
-            tracker = run_tracker(cfg, [] if directory is None else read_saved_run(Path(directory)).history)
+    # Start-up overlaps: the actors start (import torch, load the teacher) while this process opens the
+    # MLflow run and the Train workers start; the actors' readiness is checked while fit() runs.
     store_name = f"muse-weights-{uuid.uuid4().hex[:8]}"
     store = create_weight_store(store_name)
     g = cfg.ray.generators
     actors = create_generator_actors(cfg, g.count, g.num_cpus, g.num_gpus, store_name, splits.info,
                                      resources=g.resources)
     interrupted = False
+    actors_ready_at = 0.0
     try:
-        wait_until_ready(actors)
-        actors_ready_at = time.time()
+        if tracker is None:  # a resumed run's MLflow run starts with the epochs before the resume
+            with contextlib.nullcontext(None) if checkpoint is None else checkpoint.as_directory() as directory:
+                tracker = run_tracker(cfg, [] if directory is None else read_saved_run(Path(directory)).history)
         t = cfg.ray.train
         trainer = TorchTrainer(
             train_loop_per_worker,
@@ -127,7 +128,14 @@ def run(cfg: RunConfig, checkpoint: ray.train.Checkpoint | None = None, stop_aft
                                            callbacks=list(callbacks),
                                            logging_config=ray.train.LoggingConfig(log_level=t.log_level)),
         )
-        result = fit_interruptibly(trainer)
+
+
+        def actors_ready() -> None:
+            nonlocal actors_ready_at
+            wait_until_ready(actors)  # a constructor error (e.g. an unreadable teacher) is raised here
+            actors_ready_at = time.time()
+
+        result = fit_interruptibly(trainer, while_fitting=actors_ready)
         if result.error is not None:
             raise RuntimeError(f"distillation failed: {result.error}") from result.error
     except KeyboardInterrupt:  # Ctrl+C: keep what the last committed checkpoint holds
@@ -135,7 +143,7 @@ def run(cfg: RunConfig, checkpoint: ray.train.Checkpoint | None = None, stop_aft
             raise
         interrupted = True
     except BaseException:
-        if owns_tracker:
+        if owns_tracker and tracker is not None:
             tracker.finish([], status="FAILED")  # whatever stopped the run, its MLflow run says so
         raise
     finally:
@@ -159,12 +167,30 @@ def run(cfg: RunConfig, checkpoint: ray.train.Checkpoint | None = None, stop_aft
     return summary
 
 
-def fit_interruptibly(trainer: TorchTrainer) -> ray.train.Result:
-    """`trainer.fit()`, in a helper thread when called from the main thread, so that Ctrl+C reaches the
-    main thread as KeyboardInterrupt. In the main thread Ray Train installs a SIGINT handler of its own
-    that kills the Train controller, and fit() then raises ActorDiedError, which reads like a crash."""
+def fit_interruptibly(trainer: TorchTrainer, while_fitting: Callable[[], None] = lambda: None) -> ray.train.Result:
+    """`trainer.fit()` with `while_fitting` run beside it (its error is raised).
+
+    From the main thread fit() runs in a helper thread, and this thread runs `while_fitting` (an error
+    there is raised at once; the Train run goes with this process) and then waits, so that Ctrl+C reaches
+    it as KeyboardInterrupt: in the main thread Ray Train installs a SIGINT handler of its own that kills
+    the Train controller, and fit() then raises ActorDiedError, which reads like a crash. From another
+    thread (a Tune trial) fit() runs in that thread and `while_fitting` in a helper."""
     if threading.current_thread() is not threading.main_thread():
-        return trainer.fit()
+        errors: list[BaseException] = []
+
+        def check() -> None:
+            try:
+                while_fitting()
+            except BaseException as error:  # re-raised in the caller's thread
+                errors.append(error)
+
+        checker = threading.Thread(target=check, name="muse-while-fitting", daemon=True)
+        checker.start()
+        result = trainer.fit()
+        checker.join()
+        if errors:
+            raise errors[0]
+        return result
     outcome: dict[str, Any] = {}
 
     def fit() -> None:
@@ -175,6 +201,7 @@ def fit_interruptibly(trainer: TorchTrainer) -> ray.train.Result:
 
     thread = threading.Thread(target=fit, name="ray-train-fit", daemon=True)
     thread.start()
+    while_fitting()
     while thread.is_alive():
         thread.join(timeout=0.5)  # a join with a timeout lets KeyboardInterrupt through
     if "error" in outcome:
@@ -212,9 +239,16 @@ def summarize(cfg: RunConfig, checkpoint: ray.train.Checkpoint, wall_s: float, i
     worker_starts = [rank["source"].get("worker_started_at") for rank in ranks]
     if start_marks is not None and all(first_batches) and all(worker_starts):
         started_at, actors_ready_at = start_marks
+        # Synthesis may start before the epoch loop (a fresh run's first calls go out while the worker sets up).
+        leads = [rank["source"]["loop_started_at"] - rank["source"]["first_call_at"] for rank in ranks
+                 if rank["source"].get("loop_started_at") and rank["source"].get("first_call_at")]
         summary["timing"] = {"actors_ready_s": actors_ready_at - started_at,
                              "workers_started_s": max(worker_starts) - started_at,
-                             "startup_s": min(first_batches) - started_at}
+                             "startup_s": min(first_batches) - started_at,
+                             "synthesis_before_loop_s": max([0.0, *leads])}
+        loop_starts = [rank["source"].get("loop_started_at") for rank in ranks]
+        if all(loop_starts):
+            summary["timing"]["loop_started_s"] = max(loop_starts) - started_at
     if interrupted:
         summary["interrupted"] = {"after_epoch": saved.epoch, "resume_from": Path(checkpoint.path).name}
     save_outputs(cfg, summary, saved.student_state, info)

@@ -50,54 +50,62 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
     actors: list[ActorHandle] = loop_config["generators"]
 
-    splits = load_dataset(cfg.data)
-    info = splits.info
-    teacher, teacher_meta = load_teacher(cfg.teacher_checkpoint, cfg.teacher.arch, info)
-    embeddings = label_embeddings(cfg.embedding, teacher, info.num_classes, cfg.seed)
-    distiller = build_distiller(cfg, info, teacher, embeddings, device,
-                                parallel=ray.train.torch.prepare_model if world > 1 else None)
-    pool = SyntheticPool(cfg.pool.capacity)
     # This Train run's latest checkpoint (Ray Train restores it from output_dir's snapshot, and after a
     # worker-group restart), else the one the driver was asked to resume from.
     checkpoint: ray.train.Checkpoint | None = ray.train.get_checkpoint() or loop_config.get("resume_from")
-    state, next_episode, teacher_acc = RunState.fresh(cfg.seed, rank), 0, None
-    if checkpoint is not None:
-        with checkpoint.as_directory() as directory:
-            state, saved, ranks = restore(Path(directory), rank, distiller, pool)
-        teacher_acc = saved.teacher_acc
-        # Episode numbers name pool shards: continue past every number any rank handed out, consumed or not.
-        next_episode = max(r["source"]["start_episode"] + r["source"]["issued"] * r["source"]["world_size"]
-                           for r in ranks.values())
-        if rank == 0:
-            ray.get([actor.set_state.remote(s) for actor, s in zip(actors, saved.generators)])
-    elif rank == 0:
-        teacher_acc = teacher_accuracy(teacher_meta, teacher, splits.test, cfg, device)
-    weight_store = ray.get_actor(loop_config["weight_store"])
-    if rank == 0:  # after a worker-group restart the store holds the lost group's newer student: go back
-        restored = state_to_numpy(distiller.student.state_dict()) if distiller.steps > 0 else None
-        ray.get(weight_store.reset.remote(restored, distiller.steps))
-    if world > 1:
-        torch.distributed.barrier()  # no rank asks for a batch before the store is reset
-
-    feed = GenerationFeed(actors, cfg.ray.feed.in_flight, rank=rank, world_size=world, start_episode=next_episode,
-                          epoch=state.epoch, adversarial=state.epoch >= cfg.synthesis.warmup)
-    policy = StalenessPolicy.from_config(cfg.ray.weights)
-    source = FeedSource(feed, policy, distiller, world, cfg.ray.feed.timeout_s)
-    # Rank 0 logs each evaluation as it happens (Ray's rank-zero-only pattern); the driver owns the run.
-    tracking = loop_config.get("tracking")
-    tracker = MlflowTracker.attach(tracking if rank == 0 else None)
-    hooks = RayWorkerHooks(cfg, rank, world, actors, weight_store, feed, policy,
-                           distiller, pool, tracker, teacher=teacher, info=info,
-                           teacher_acc=teacher_acc, entered_at=entered_at)
-
-    def evaluate(model: torch.nn.Module) -> float:
-        return accuracy(model, splits.test, cfg.data.eval_batch_size, device)
-
+    feed: GenerationFeed | None = None
+    if checkpoint is None and cfg.synthesis.warmup > 0:
+        # A fresh run's first episodes (warm-up: no student in them) need nothing from this worker: they
+        # are synthesised while it loads the data, the teacher and the student.
+        feed = GenerationFeed(actors, cfg.ray.feed.in_flight, rank=rank, world_size=world).start()
     try:
+        splits = load_dataset(cfg.data)
+        info = splits.info
+        teacher, teacher_meta = load_teacher(cfg.teacher_checkpoint, cfg.teacher.arch, info)
+        embeddings = label_embeddings(cfg.embedding, teacher, info.num_classes, cfg.seed)
+        distiller = build_distiller(cfg, info, teacher, embeddings, device,
+                                    parallel=ray.train.torch.prepare_model if world > 1 else None)
+        pool = SyntheticPool(cfg.pool.capacity)
+        state, next_episode, teacher_acc = RunState.fresh(cfg.seed, rank), 0, None
+        if checkpoint is not None:
+            with checkpoint.as_directory() as directory:
+                state, saved, ranks = restore(Path(directory), rank, distiller, pool)
+            teacher_acc = saved.teacher_acc
+            # Episode numbers name pool shards: continue past every number any rank handed out, consumed or not.
+            next_episode = max(r["source"]["start_episode"] + r["source"]["issued"] * r["source"]["world_size"]
+                               for r in ranks.values())
+            if rank == 0:
+                ray.get([actor.set_state.remote(s) for actor, s in zip(actors, saved.generators)])
+        elif rank == 0:
+            teacher_acc = teacher_accuracy(teacher_meta, teacher, splits.test, cfg, device)
+        weight_store = ray.get_actor(loop_config["weight_store"])
+        if rank == 0:  # after a worker-group restart the store holds the lost group's newer student: go back
+            restored = state_to_numpy(distiller.student.state_dict()) if distiller.steps > 0 else None
+            ray.get(weight_store.reset.remote(restored, distiller.steps))
+        if world > 1:
+            torch.distributed.barrier()  # no rank asks for a batch before the store is reset
+
+        feed = feed or GenerationFeed(actors, cfg.ray.feed.in_flight, rank=rank, world_size=world,
+                                      start_episode=next_episode, epoch=state.epoch,
+                                      adversarial=state.epoch >= cfg.synthesis.warmup)
+        policy = StalenessPolicy.from_config(cfg.ray.weights)
+        source = FeedSource(feed, policy, distiller, world, cfg.ray.feed.timeout_s)
+        # Rank 0 logs each evaluation as it happens (Ray's rank-zero-only pattern); the driver owns the run.
+        tracking = loop_config.get("tracking")
+        tracker = MlflowTracker.attach(tracking if rank == 0 else None)
+        hooks = RayWorkerHooks(cfg, rank, world, actors, weight_store, feed, policy,
+                               distiller, pool, tracker, teacher=teacher, info=info,
+                               teacher_acc=teacher_acc, entered_at=entered_at)
+
+        def evaluate(model: torch.nn.Module) -> float:
+            return accuracy(model, splits.test, cfg.data.eval_batch_size, device)
+
+        hooks.loop_started_at = time.time()
         run_epochs(cfg, state, source, distiller, pool, evaluate if rank == 0 else None, hooks,
                    loop_config.get("stop_after_epoch"))
     finally:
-        feed.close()
+        if feed is not None:
+            feed.close()
 
 
 class FeedSource:
@@ -134,6 +142,7 @@ class RayWorkerHooks(EpochHooks):
         self.tracker, self.teacher, self.info = tracker, teacher, info
         self.teacher_acc = teacher_acc
         self.entered_at = entered_at
+        self.loop_started_at: float | None = None
         self.last_run_tally = SynthesisTally()
 
     def before_kd(self, distiller: Distiller) -> None:
@@ -192,7 +201,8 @@ class RayWorkerHooks(EpochHooks):
         with tempfile.TemporaryDirectory() as tmp:
             write_checkpoint(Path(tmp), self.rank, self.cfg, state, self.distiller, self.pool,
                              source_state=feed_state(self.feed) | {"staleness": self.policy.metrics(),
-                                                                   "worker_started_at": self.entered_at},
+                                                                   "worker_started_at": self.entered_at,
+                                                                   "loop_started_at": self.loop_started_at},
                              generators=generators,
                              teacher_acc=self.teacher_acc)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
@@ -201,7 +211,7 @@ class RayWorkerHooks(EpochHooks):
 def feed_state(feed: GenerationFeed) -> dict[str, Any]:
     """A feed's episode numbering (a resumed run numbers on past it) and counters, for a checkpoint."""
     return {"issued": feed.issued, "start_episode": feed.start_episode, "world_size": feed.world_size,
-            "feed": feed.metrics(), "first_record_at": feed.first_record_at}
+            "feed": feed.metrics(), "first_call_at": feed.first_call_at, "first_record_at": feed.first_record_at}
 
 
 def _set_report_log_level(level: str) -> None:

@@ -22,7 +22,8 @@ def fake_pipeline_report() -> dict:
 
 def fake_summary(loop_s: float, synthesis_s: float, wall_s: float, startup_s: float) -> dict:
     return {"loop_s": loop_s, "wall_s": wall_s, "synthesis_episodes": 18,
-            "timing": {"startup_s": startup_s, "actors_ready_s": 3.0, "workers_started_s": 12.0},
+            "timing": {"startup_s": startup_s, "actors_ready_s": 3.0, "workers_started_s": 12.0,
+                       "synthesis_before_loop_s": 0.0, "loop_started_s": startup_s},
             "synthesis": {"synthesis_s": synthesis_s}, "student_acc": 80.0,
             "staleness": [{"mean_staleness": 4.0, "max_staleness": 12}, {"mean_staleness": 2.0, "max_staleness": 20}]}
 
