@@ -51,6 +51,9 @@ from muse.io import save_json
 from muse.teacher import ensure_teacher
 from orchestration.runner import run as run_pipeline
 
+# The report's per-pipeline entries, each keyed by the generator count.
+PIPELINE_KEYS = ("pipeline_s", "startup_s", "startup_parts", "teardown_s", "feed_overhead", "object_store_peak_mb",
+                 "batches_per_s", "pipeline_acc", "staleness")
 WORK = ["synthesis.warmup=1", "synthesis.gwp_loops=4", "synthesis.g_loops=2", "distill.epochs=6",
         "distill.kd_steps=20"]
 
@@ -148,9 +151,7 @@ def main() -> None:
     all_cores = timed_sequential(cfg.model_copy(update={"output_dir": out / "sequential-all-cores"}), splits)
     report |= {"sequential_all_cores_s": all_cores["wall_s"], "sequential_all_cores_acc": all_cores["student_acc"]}
     torch.set_num_threads(1)
-    for key in ("pipeline_s", "startup_s", "startup_parts", "teardown_s", "feed_overhead", "object_store_peak_mb",
-                "batches_per_s", "pipeline_acc", "staleness"):
-        report[key] = {}
+    report |= {key: {} for key in PIPELINE_KEYS}
     started = time.perf_counter()
     ray.init(address="local", num_cpus=cores, include_dashboard=True, dashboard_host="127.0.0.1",
              _node_ip_address="127.0.0.1")

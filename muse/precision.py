@@ -1,8 +1,9 @@
 """How a stage computes: bf16 autocast and the channels_last memory format, chosen per stage in the
 config (`<stage>.precision=bf16`, `<stage>.channels_last=true` for `teacher`, `synthesis` and `distill`).
 
-bf16 keeps fp32's exponent range, so no loss scaling is needed (unlike fp16). Forward passes and losses
-run under autocast; backward follows the forward's dtypes, and parameters and optimizer state stay fp32.
+bf16 keeps fp32's exponent range, so no loss scaling is needed (unlike fp16). The networks' forward passes
+run under autocast; the losses are computed in fp32 from their outputs (on CPU autocast would leave
+`log_softmax` in bf16); backward follows the forward's dtypes, and parameters and optimizer state stay fp32.
 channels_last (NHWC) is what cuDNN's and oneDNN's fastest convolution kernels read; it changes layout,
 never values."""
 
@@ -28,7 +29,7 @@ class Precision:
         return cls(options.precision == "bf16", options.channels_last, device.type)
 
     def forward_context(self) -> AbstractContextManager:
-        """Wrap forward passes and losses (not `backward`, not the optimizer step)."""
+        """Wrap the networks' forward passes (not the losses, not `backward`, not the optimizer step)."""
         return torch.autocast(self.device_type, dtype=torch.bfloat16, enabled=self.autocast)
 
     def model(self, module: nn.Module) -> nn.Module:

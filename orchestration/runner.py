@@ -129,7 +129,6 @@ def run(cfg: RunConfig, checkpoint: ray.train.Checkpoint | None = None, stop_aft
                                            logging_config=ray.train.LoggingConfig(log_level=t.log_level)),
         )
 
-
         def actors_ready() -> None:
             nonlocal actors_ready_at
             wait_until_ready(actors)  # a constructor error (e.g. an unreadable teacher) is raised here
@@ -176,37 +175,35 @@ def fit_interruptibly(trainer: TorchTrainer, while_fitting: Callable[[], None] =
     the Train controller, and fit() then raises ActorDiedError, which reads like a crash. From another
     thread (a Tune trial) fit() runs in that thread and `while_fitting` in a helper."""
     if threading.current_thread() is not threading.main_thread():
-        errors: list[BaseException] = []
-
-        def check() -> None:
-            try:
-                while_fitting()
-            except BaseException as error:  # re-raised in the caller's thread
-                errors.append(error)
-
-        checker = threading.Thread(target=check, name="muse-while-fitting", daemon=True)
-        checker.start()
+        checker, checked = _start_thread("muse-while-fitting", while_fitting)
         result = trainer.fit()
         checker.join()
-        if errors:
-            raise errors[0]
+        if "error" in checked:
+            raise checked["error"]
         return result
+    fitter, fitted = _start_thread("ray-train-fit", trainer.fit)
+    while_fitting()
+    while fitter.is_alive():
+        fitter.join(timeout=0.5)  # a join with a timeout lets KeyboardInterrupt through
+    if "error" in fitted:
+        raise fitted["error"]
+    return fitted["result"]
+
+
+def _start_thread(name: str, work: Callable[[], Any]) -> tuple[threading.Thread, dict[str, Any]]:
+    """A daemon thread running `work`; the dict gets its `result`, or the `error` it raised (for the
+    caller's thread to re-raise)."""
     outcome: dict[str, Any] = {}
 
-    def fit() -> None:
+    def run_work() -> None:
         try:
-            outcome["result"] = trainer.fit()
-        except BaseException as error:  # re-raised in the caller's thread
+            outcome["result"] = work()
+        except BaseException as error:
             outcome["error"] = error
 
-    thread = threading.Thread(target=fit, name="ray-train-fit", daemon=True)
+    thread = threading.Thread(target=run_work, name=name, daemon=True)
     thread.start()
-    while_fitting()
-    while thread.is_alive():
-        thread.join(timeout=0.5)  # a join with a timeout lets KeyboardInterrupt through
-    if "error" in outcome:
-        raise outcome["error"]
-    return outcome["result"]
+    return thread, outcome
 
 
 def summarize_interrupted(cfg: RunConfig, wall_s: float, info: DatasetInfo) -> dict[str, Any] | None:

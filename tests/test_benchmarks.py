@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from benchmarks.pipeline import derive, format_table, record_pipeline
+from benchmarks.pipeline import PIPELINE_KEYS, derive, format_table, record_pipeline
 from benchmarks.stages import row
 
 
@@ -14,10 +14,7 @@ def fake_pipeline_report() -> dict:
               "work": {"episodes": 16, "kd_steps": 120, "synthesis_batch": 100, "resolutions": [8, 16]},
               "generate_only_s": 34.2, "distill_only_s": 4.1, "sequential_s": 38.7, "sequential_acc": 82.2,
               "sequential_all_cores_s": 30.0, "sequential_all_cores_acc": 81.0, "cluster_start_s": 4.0}
-    for key in ("pipeline_s", "startup_s", "startup_parts", "teardown_s", "feed_overhead", "object_store_peak_mb",
-                "batches_per_s", "pipeline_acc", "staleness"):
-        report[key] = {}
-    return report
+    return report | {key: {} for key in PIPELINE_KEYS}
 
 
 def fake_summary(loop_s: float, synthesis_s: float, wall_s: float, startup_s: float) -> dict:
