@@ -194,7 +194,24 @@ def prepare_output_dir(output_dir: Path, fresh: bool, overwrite: bool = False) -
     elif fresh:
         _refuse_reused(output_dir)
     else:
+        set_aside_damaged_snapshot(output_dir)
         remove_uncommitted(output_dir)
+
+
+def set_aside_damaged_snapshot(run_dir: Path) -> Path | None:
+    """Before a resume: Ray Train rewrites its snapshot in place, and a full disk or a kill can leave it
+    empty or cut short; Ray Train would then refuse to start in the folder. Rename it to `*.damaged`
+    (the run continues from the checkpoint `checkpoint_latest.json` names). Returns the new path."""
+    snapshot = Path(run_dir) / TRAIN_SNAPSHOT
+    try:
+        json.loads(snapshot.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        damaged = snapshot.with_name(snapshot.name + ".damaged")
+        snapshot.replace(damaged)
+        return damaged
+    return None
 
 
 def committed_checkpoints(run_dir: Path) -> set[str]:

@@ -20,11 +20,12 @@ import ray.train
 from ray.train import UserCallback
 from ray.train.torch import TorchTrainer
 
-from muse.checkpoint import latest_checkpoint, prepare_output_dir, read_ranks, read_saved_run
+from muse.checkpoint import LOCAL_POINTER, latest_checkpoint, prepare_output_dir, read_ranks, read_saved_run
 from muse.commandline import (add_run_control_flags, add_tracking_flags, format_summary, interrupted_message,
                               parse_command_line, run_config, tracking_overrides)
 from muse.config import ConfigError, RunConfig
 from muse.data import DatasetError, DatasetInfo, load_dataset
+from muse.io import save_json
 from muse.loop import SynthesisTally
 from muse.outputs import RunInterrupted, build_summary, save_outputs
 from muse.runtime import resolve_device
@@ -125,7 +126,7 @@ def run(cfg: RunConfig, checkpoint: ray.train.Checkpoint | None = None, stop_aft
                 resources_per_worker={"CPU": t.cpus_per_worker, **t.resources}),
             run_config=ray.train.RunConfig(name=cfg.output_dir.name, storage_path=str(cfg.output_dir.parent),
                                            failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
-                                           callbacks=list(callbacks),
+                                           callbacks=[CommitPointer(cfg.output_dir), *callbacks],
                                            logging_config=ray.train.LoggingConfig(log_level=t.log_level)),
         )
 
@@ -164,6 +165,20 @@ def run(cfg: RunConfig, checkpoint: ray.train.Checkpoint | None = None, stop_aft
     if owns_tracker:
         finish_tracking(tracker, cfg, summary, step=summary["epochs_done"])
     return summary
+
+
+class CommitPointer(UserCallback):
+    """In the Train controller: after each checkpoint Ray Train commits, point `checkpoint_latest.json` at
+    it (written atomically). Ray Train rewrites its own snapshot in place, so a full disk can leave it
+    empty; the pointer then still names the last whole checkpoint, and `--resume` continues from it."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir = Path(run_dir)
+
+    def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: ray.train.Checkpoint | None) -> None:
+        if checkpoint is not None:
+            save_json({"checkpoint_dir_name": Path(checkpoint.path).name, "epoch": metrics[0].get("epoch")},
+                      self.run_dir / LOCAL_POINTER)
 
 
 def fit_interruptibly(trainer: TorchTrainer, while_fitting: Callable[[], None] = lambda: None) -> ray.train.Result:
@@ -255,6 +270,7 @@ def summarize(cfg: RunConfig, checkpoint: ray.train.Checkpoint, wall_s: float, i
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     started_cluster = False
+    cfg: RunConfig | None = None
     try:
         cfg, checkpoint = resolve_config(args)
         started_cluster = connect(cfg, args.num_cpus)
@@ -269,7 +285,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except Exception as error:  # a failed run says why and exits non-zero
-        print(f"error: the run failed: {type(error).__name__}: {error}", file=sys.stderr)
+        reason = " ".join(str(error).split())  # Ray Train's errors span lines
+        print(f"error: the run failed: {type(error).__name__}: {reason}{resume_hint(cfg)}", file=sys.stderr)
         return 1
     finally:
         if started_cluster:
@@ -279,3 +296,15 @@ def main(argv: list[str] | None = None) -> int:
     if hint := ui_hint(cfg):
         print(hint)
     return 0
+
+
+def resume_hint(cfg: RunConfig | None) -> str:
+    """For a run that failed midway (a full disk, a lost node): where it can continue from, if anywhere."""
+    if cfg is None:
+        return ""
+    try:
+        last = latest_checkpoint(cfg.output_dir)
+    except ConfigError:
+        return ""
+    return (f"; its last committed checkpoint ({last.name}) is intact: fix the cause (e.g. free space), then "
+            f"continue with: python orchestration/run.py --resume {cfg.output_dir}")

@@ -23,7 +23,7 @@ import ray.train.torch
 import torch
 from ray.actor import ActorHandle
 
-from muse.checkpoint import restore, write_checkpoint
+from muse.checkpoint import commit_local_checkpoint, restore, write_checkpoint
 from muse.config import RunConfig
 from muse.data import DatasetInfo, load_dataset
 from muse.distillation import Distiller
@@ -198,13 +198,22 @@ class RayWorkerHooks(EpochHooks):
 
     def _report_with_checkpoint(self, metrics: dict[str, Any], state: RunState) -> None:
         generators = ray.get([actor.get_state.remote() for actor in self.actors]) if self.rank == 0 else None
-        with tempfile.TemporaryDirectory() as tmp:
-            write_checkpoint(Path(tmp), self.rank, self.cfg, state, self.distiller, self.pool,
+
+        def write(folder: Path) -> None:
+            write_checkpoint(folder, self.rank, self.cfg, state, self.distiller, self.pool,
                              source_state=feed_state(self.feed) | {"staleness": self.policy.metrics(),
                                                                    "worker_started_at": self.entered_at,
                                                                    "loop_started_at": self.loop_started_at},
-                             generators=generators,
-                             teacher_acc=self.teacher_acc)
+                             generators=generators, teacher_acc=self.teacher_acc)
+
+        if self.cfg.ray.train.count == 0:
+            # Train's local mode (the loop in the driver) keeps only the last reported checkpoint object and
+            # persists nothing: commit it in output_dir the way the single-process engine does.
+            committed = commit_local_checkpoint(self.cfg.output_dir, state.epoch, write)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(committed)))
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            write(Path(tmp))
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
 

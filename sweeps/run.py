@@ -169,11 +169,13 @@ def run_sweep(spec: SweepSpec, base: RunConfig, resume: bool = False) -> SweepOu
         )
         grid = tuner.fit()
         rows = [_row(result, spec, base) for result in grid]
-        # Ctrl+C: Tune stops the trials, saves the experiment and returns what it has.
-        if grid.num_terminated + grid.num_errors < len(grid) or len(grid) < spec.trial_count:
-            # Tune marks a result `done` when a scheduler or stopper stopped the trial; the rest were cut off.
-            rows = [replace(r, status="unfinished") if r.status == "stopped" and not result.metrics.get("done") else r
-                    for r, result in zip(rows, grid)]
+        # Ctrl+C: Tune stops the trials, saves the experiment and returns what it has, every trial it ended
+        # counted as terminated. Tune marks the last result `done` when a trial finished or a scheduler or
+        # stopper stopped it; the trials without it were cut off.
+        cut_off = [result.error is None and not result.metrics.get("done") for result in grid]
+        if any(cut_off) or len(grid) < spec.trial_count:
+            rows = [replace(r, status="unfinished") if cut and r.status == "stopped" else r
+                    for r, cut in zip(rows, cut_off)]
             _write_results(rows, spec, root)
             parent.finish([root / "results.csv"], status="KILLED")
             return SweepOutcome(root, rows, None, None, concurrency, parent.run_id, interrupted=True)

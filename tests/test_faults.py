@@ -1,7 +1,7 @@
 """Faults on the Ray path, with counts: a Ray Train worker killed mid-run (the group restarts from the last
 committed checkpoint and the run completes, `ray.train.max_failures`), generator actors killed again and
-again during a run (every episode the student used is accounted once; none is lost), and the driver
-SIGKILLed, then resumed."""
+again during a run (every episode the student used is accounted once; none is lost), the driver
+SIGKILLed, then resumed, and a disk that fills up during a checkpoint."""
 
 from __future__ import annotations
 
@@ -19,7 +19,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 from ray.util.state import list_actors
 
-from muse.checkpoint import committed_checkpoints
+from muse.checkpoint import (LOCAL_POINTER, STATE_FILE, TRAIN_SNAPSHOT, committed_checkpoints, latest_checkpoint,
+                             read_saved_run)
 from muse.teacher import ensure_teacher
 from orchestration.runner import run
 
@@ -30,6 +31,7 @@ pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
 
 KILL_EVERY_S = 2
+FULL_DISK_MB = 3  # the run's checkpoints outgrow it within a few epochs (each holds the pool so far)
 RAY_SMALL = ["distill.kd_steps=10", "checkpoint_every=1", "ray.generators.num_cpus=0.5",
              "ray.train.cpus_per_worker=0.5"]
 
@@ -145,3 +147,52 @@ def test_a_sigkilled_driver_resumes_and_its_mlflow_run_is_closed(tmp_path, teach
     assert not any(folder.exists() for folder in half_written)
     runs = {r.info.run_id: r.info.status for r in client.search_runs([killed.info.experiment_id])}
     assert runs.pop(killed.info.run_id) == "KILLED" and list(runs.values()) == ["FINISHED"]
+
+
+def test_a_full_disk_during_a_checkpoint_keeps_the_last_committed_one_resumable(tmp_path, teacher_dir, digits_splits):
+    """output_dir on a small tmpfs that fills up during a checkpoint: `orchestration/run.py` fails with the
+    reason and the command that continues the run (exit 1) and no summary; once there is space (the tmpfs
+    made larger), `--resume` continues from the last committed checkpoint and finishes with the counters of
+    an uninterrupted run."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={FULL_DISK_MB}m", "tmpfs", str(disk)],
+                             capture_output=True, text=True, check=False)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here ({mounted.stderr.strip()}): needs root with CAP_SYS_ADMIN")
+    try:
+        cfg = fast_digits_config(tmp_path / "unused", teacher_dir)
+        ensure_teacher(cfg, digits_splits)
+        run_dir = disk / "run"
+        command = [sys.executable, "orchestration/run.py", "--num-cpus", "2", "--no-tracking",
+                   *[o for o in FAST_DIGITS if not o.startswith(("tracking.", "distill."))], "distill.epochs=8",
+                   *RAY_SMALL, "ray.train.max_failures=1", f"output_dir={run_dir}",
+                   f"teacher.checkpoint={cfg.teacher_checkpoint}"]
+        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+        full = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600, check=False)
+        assert full.returncode == 1, full.stderr[-3000:]
+        error = full.stderr[full.stderr.index("error: the run failed"):]
+        assert "No space left on device" in error and f"python orchestration/run.py --resume {run_dir}" in error, error
+        assert not (run_dir / "summary.json").exists()
+        committed = latest_checkpoint(run_dir)
+        assert 1 <= read_saved_run(committed).epoch < 2 + 8
+        assert f"({committed.name}) is intact" in error
+        # Ray Train rewrites its snapshot in place: when the rewrite needs one more block than is free, it is
+        # left empty. The pointer the run keeps beside it (written atomically) still names a whole checkpoint.
+        (run_dir / TRAIN_SNAPSHOT).write_bytes(b"")
+        pointed = latest_checkpoint(run_dir)
+        assert pointed.name == json.loads((run_dir / LOCAL_POINTER).read_text())["checkpoint_dir_name"]
+        assert (pointed / STATE_FILE).is_file()
+
+        subprocess.run(["mount", "-o", "remount,size=400m", str(disk)], check=True)  # space freed
+        resumed = subprocess.run([sys.executable, "orchestration/run.py", "--num-cpus", "2", "--resume", str(run_dir)],
+                                 cwd=REPO, env=env, capture_output=True, text=True, timeout=600, check=False)
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
+        summary = json.loads((run_dir / "summary.json").read_text())
+        assert summary["epochs_done"] == 2 + 8 and summary["kd_steps"] == 8 * 10
+        assert summary["synthesis_episodes"] == 2 * 3 + 8 * 1
+        assert [h["epoch"] for h in summary["history"]] == list(range(3, 11))
+        assert (run_dir / f"{TRAIN_SNAPSHOT}.damaged").exists()  # set aside; Ray Train wrote a new one
+        assert latest_checkpoint(run_dir).name != pointed.name
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)

@@ -102,3 +102,46 @@ def test_ctrl_c_of_the_ray_runner_keeps_the_last_checkpoint_and_resumes(tmp_path
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     final = json.loads((run_dir / "summary.json").read_text())
     assert "interrupted" not in final and final["epochs_done"] == 2 + 8
+
+
+@pytest.mark.slow
+def test_ctrl_c_of_a_sweep_marks_its_cut_off_trials_unfinished_and_exits_130(tmp_path, teacher_dir, digits_splits):
+    """`python sweeps/run.py`: Ctrl+C once both trials are under way. Tune ends every trial and counts them
+    all as terminated; the sweep still tells the cut-off ones (no final result) from finished ones."""
+    import yaml
+
+    from muse.teacher import ensure_teacher
+    from conftest import fast_digits_config
+
+    teacher = fast_digits_config(tmp_path, teacher_dir)
+    ensure_teacher(teacher, digits_splits)
+    sweep_dir = tmp_path / "sweep"
+    overrides = [o for o in FAST_DIGITS if not o.startswith(("distill.", "tracking."))]
+    spec = {"name": "cut", "config": "digits", "output_dir": str(sweep_dir), "max_concurrent_trials": 2,
+            "overrides": [*overrides, "distill.epochs=30", "distill.kd_steps=10", "ray.generators.num_cpus=0.45",
+                          "ray.train.cpus_per_worker=0.45", f"teacher.checkpoint={teacher.teacher_checkpoint}"],
+            "space": {"loss.kr": {"grid": [0.0, 1.0]}}}
+    (tmp_path / "cut.yaml").write_text(yaml.safe_dump(spec))
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"PYTHONUNBUFFERED": "1"}
+    process = subprocess.Popen([sys.executable, "sweeps/run.py", str(tmp_path / "cut.yaml"), "--num-cpus", "2"],
+                               cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    try:
+        deadline = time.monotonic() + 420
+        while len(list(sweep_dir.glob("trials/*/segment-00/checkpoint_latest.json"))) < 2:  # both under way
+            assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+            time.sleep(0.5)
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=240)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+
+    assert process.returncode == 130, err[-3000:]
+    assert "interrupted with 2 trial(s) unfinished" in err and "continue with the same command plus --resume" in err
+    statuses = [line.split(",")[1] for line in (sweep_dir / "results.csv").read_text().splitlines()[1:]]
+    assert statuses == ["unfinished", "unfinished"]
+    assert not (sweep_dir / "best_config.yaml").exists()
+    client = MlflowClient(f"sqlite:///{sweep_dir / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("cut").experiment_id])
+    assert sorted(r.info.status for r in runs) == ["KILLED"] * 3  # the sweep's parent run and both trials

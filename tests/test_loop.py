@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from muse.checkpoint import LOCAL_POINTER, STATE_FILE, latest_checkpoint, read_ranks, read_saved_run
+from muse.checkpoint import (LOCAL_POINTER, STATE_FILE, TRAIN_SNAPSHOT, latest_checkpoint, prepare_output_dir,
+                             read_ranks, read_saved_run)
 from muse.cli import main as muse_main
 from muse.config import load_config
 from muse.models import classifier_weight
@@ -146,6 +147,19 @@ def test_a_full_disk_during_a_checkpoint_keeps_the_previous_one_resumable(local_
     resumed, whole = json.loads((run_dir / "summary.json").read_text()), local_runs["whole"]
     assert [h["student_acc"] for h in resumed["history"]] == [h["student_acc"] for h in whole["history"]]
     assert resumed["synthesis"]["pixels"] == whole["synthesis"]["pixels"]
+
+
+def test_an_empty_ray_snapshot_is_set_aside_and_the_pointer_names_the_checkpoint(tmp_path):
+    # What a full disk leaves when Ray Train's in-place rewrite of its snapshot needs one more block.
+    for name in ("checkpoint_a", "checkpoint_b"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / STATE_FILE).write_bytes(b"x")
+    (tmp_path / TRAIN_SNAPSHOT).write_bytes(b"")
+    (tmp_path / LOCAL_POINTER).write_text(json.dumps({"checkpoint_dir_name": "checkpoint_a"}))
+    assert latest_checkpoint(tmp_path) == tmp_path / "checkpoint_a"
+    prepare_output_dir(tmp_path, fresh=False)  # as a resume does
+    assert not (tmp_path / TRAIN_SNAPSHOT).exists() and (tmp_path / f"{TRAIN_SNAPSHOT}.damaged").exists()
+    assert (tmp_path / "checkpoint_a").is_dir() and not (tmp_path / "checkpoint_b").exists()  # never committed
 
 
 def test_resume_refuses_overrides(local_runs, capsys):

@@ -128,3 +128,20 @@ def test_resume_of_a_folder_without_checkpoints_exits_2(tmp_path, capsys):
     assert main(["--resume", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert f"--resume {str(tmp_path)!r}: no committed checkpoint_*/{STATE_FILE} there" in err
+
+
+def test_the_loop_in_the_driver_commits_its_checkpoints_and_resumes(cluster, tmp_path, teacher_dir):
+    # `--workers 0` is Ray Train's local mode, which persists no checkpoint: the run commits its own.
+    cfg = fast_digits_config(tmp_path / "local", teacher_dir, *TINY, "ray.train.count=0")
+    stopped = run(cfg, None, stop_after_epoch=STOP_AFTER)
+    assert stopped["epochs_done"] == STOP_AFTER
+    checkpoint = latest_checkpoint(cfg.output_dir)
+    assert checkpoint.name == f"checkpoint_epoch{STOP_AFTER:04d}" and checkpoint.parent == cfg.output_dir
+    assert stopped["checkpoint"] == str(checkpoint)
+    resumed = run(cfg, ray.train.Checkpoint.from_directory(str(checkpoint)))
+    total_epochs = cfg.synthesis.warmup + cfg.distill.epochs
+    assert resumed["epochs_done"] == total_epochs
+    assert latest_checkpoint(cfg.output_dir).name == f"checkpoint_epoch{total_epochs:04d}"
+    assert not (cfg.output_dir / checkpoint.name).exists()  # the committed one it replaced is gone
+    assert [h["epoch"] for h in resumed["history"]] == list(range(cfg.synthesis.warmup + 1, total_epochs + 1))
+    assert (cfg.output_dir / "student.pt").is_file()
