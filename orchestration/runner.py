@@ -86,13 +86,15 @@ def resolve_config(args: argparse.Namespace) -> tuple[RunConfig, ray.train.Check
 
 def run(cfg: RunConfig, checkpoint: ray.train.Checkpoint | None = None, stop_after_epoch: int | None = None,
         *, tracker: Tracker | None = None, callbacks: Sequence[UserCallback] = (),
-        overwrite: bool = False) -> dict[str, Any]:
+        overwrite: bool = False, checkpoint_epochs: Sequence[int] = ()) -> dict[str, Any]:
     """Train the teacher if needed, start the generators and the weight store, fit the TorchTrainer,
     and write the summary. Ray must be initialised.
 
     Without `tracker` the run opens its own MLflow run and closes it; a caller that passes one (a sweep
     trial, which may fit several segments into one run) logs the final files and closes it itself.
-    `callbacks` are Ray Train callbacks (e.g. the Tune report callback of a sweep)."""
+    `callbacks` are Ray Train callbacks (e.g. the Tune report callback of a sweep); `checkpoint_epochs`
+    are epochs that get a checkpoint besides every `checkpoint_every` and the last (a PBT trial's
+    segment boundaries)."""
     started, started_at = time.perf_counter(), time.time()
     cfg = cfg.model_copy(update={"output_dir": cfg.output_dir.resolve()})
     prepare_output_dir(cfg.output_dir, fresh=checkpoint is None, overwrite=overwrite)
@@ -120,7 +122,8 @@ def run(cfg: RunConfig, checkpoint: ray.train.Checkpoint | None = None, stop_aft
             train_loop_per_worker,
             train_loop_config={"run": cfg.model_dump(mode="json"), "generators": actors,
                                "weight_store": store_name, "stop_after_epoch": stop_after_epoch,
-                               "resume_from": checkpoint, "tracking": tracker.handle},
+                               "checkpoint_epochs": list(checkpoint_epochs), "resume_from": checkpoint,
+                               "tracking": tracker.handle},
             scaling_config=ray.train.ScalingConfig(
                 num_workers=t.count, use_gpu=t.use_gpu,
                 resources_per_worker={"CPU": t.cpus_per_worker, **t.resources}),
@@ -190,13 +193,13 @@ def fit_interruptibly(trainer: TorchTrainer, while_fitting: Callable[[], None] =
     the Train controller, and fit() then raises ActorDiedError, which reads like a crash. From another
     thread (a Tune trial) fit() runs in that thread and `while_fitting` in a helper."""
     if threading.current_thread() is not threading.main_thread():
-        checker, checked = _start_thread("muse-while-fitting", while_fitting)
+        checker, checked = start_thread("muse-while-fitting", while_fitting)
         result = trainer.fit()
         checker.join()
         if "error" in checked:
             raise checked["error"]
         return result
-    fitter, fitted = _start_thread("ray-train-fit", trainer.fit)
+    fitter, fitted = start_thread("ray-train-fit", trainer.fit)
     while_fitting()
     while fitter.is_alive():
         fitter.join(timeout=0.5)  # a join with a timeout lets KeyboardInterrupt through
@@ -205,7 +208,7 @@ def fit_interruptibly(trainer: TorchTrainer, while_fitting: Callable[[], None] =
     return fitted["result"]
 
 
-def _start_thread(name: str, work: Callable[[], Any]) -> tuple[threading.Thread, dict[str, Any]]:
+def start_thread(name: str, work: Callable[[], Any]) -> tuple[threading.Thread, dict[str, Any]]:
     """A daemon thread running `work`; the dict gets its `result`, or the `error` it raised (for the
     caller's thread to re-raise)."""
     outcome: dict[str, Any] = {}

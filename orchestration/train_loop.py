@@ -13,7 +13,7 @@ import logging
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +41,8 @@ from orchestration.weight_store import StalenessPolicy, state_to_numpy
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """Entry point of every Train worker. `loop_config`: run (RunConfig as JSON dict), generators
     (actor handles), weight_store (actor name), stop_after_epoch (optional, for staged runs), resume_from
-    (optional Checkpoint), tracking (optional MLflow run handle that rank 0 logs each epoch to)."""
+    (optional Checkpoint), tracking (optional MLflow run handle that rank 0 logs each epoch to),
+    checkpoint_epochs (optional: epochs checkpointed besides every `checkpoint_every` and the last)."""
     entered_at = time.time()  # start-up accounting: the worker process is up and has imported this module
     cfg = RunConfig.model_validate(loop_config["run"])
     _set_report_log_level(cfg.ray.train.log_level)
@@ -95,7 +96,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         tracker = MlflowTracker.attach(tracking if rank == 0 else None)
         hooks = RayWorkerHooks(cfg, rank, world, actors, weight_store, feed, policy,
                                distiller, pool, tracker, teacher=teacher, info=info,
-                               teacher_acc=teacher_acc, entered_at=entered_at)
+                               teacher_acc=teacher_acc, entered_at=entered_at,
+                               checkpoint_epochs=loop_config.get("checkpoint_epochs", ()))
 
         def evaluate(model: torch.nn.Module) -> float:
             return accuracy(model, splits.test, cfg.data.eval_batch_size, device)
@@ -131,17 +133,20 @@ class FeedSource:
 class RayWorkerHooks(EpochHooks):
     """Rank 0 pushes the student to the WeightStore (at the first KD step and every `push_interval`
     steps), prints one line per epoch and logs each evaluation; every rank reports each epoch to Ray
-    Train, with a checkpoint every `checkpoint_every` epochs and at the last (or stop) epoch."""
+    Train, with a checkpoint every `checkpoint_every` epochs, at `checkpoint_epochs` and at the last (or
+    stop) epoch."""
 
     def __init__(self, cfg: RunConfig, rank: int, world: int, actors: list[ActorHandle], weight_store: ActorHandle,
                  feed: GenerationFeed, policy: StalenessPolicy, distiller: Distiller, pool: SyntheticPool,
                  tracker: Tracker, *, teacher: torch.nn.Module, info: DatasetInfo,
-                 teacher_acc: float | None, entered_at: float | None = None) -> None:
+                 teacher_acc: float | None, entered_at: float | None = None,
+                 checkpoint_epochs: Iterable[int] = ()) -> None:
         self.cfg, self.rank, self.world, self.actors, self.weight_store = cfg, rank, world, actors, weight_store
         self.feed, self.policy, self.distiller, self.pool = feed, policy, distiller, pool
         self.tracker, self.teacher, self.info = tracker, teacher, info
         self.teacher_acc = teacher_acc
         self.entered_at = entered_at
+        self.checkpoint_epochs = set(checkpoint_epochs)
         self.loop_started_at: float | None = None
         self.last_run_tally = SynthesisTally()
 
@@ -160,6 +165,7 @@ class RayWorkerHooks(EpochHooks):
     def after_epoch(self, epoch: int, metrics: dict[str, Any], state: RunState, last: bool) -> None:
         feed_metrics = self.feed.metrics()
         metrics |= {"feed_wait_s": feed_metrics["wait_s"], "actor_failures": feed_metrics["actor_failures"],
+                    "loop_s": state.loop_s,
                     **{f"staleness_{k}": v for k, v in self.policy.metrics().items()},
                     "teacher_acc": self.teacher_acc if self.teacher_acc is not None else float("nan")}
         evaluated = metrics["phase"] == "distill"
@@ -172,7 +178,7 @@ class RayWorkerHooks(EpochHooks):
             sys.stdout.flush()
             if evaluated:
                 self._log_evaluation(epoch, metrics, state, self.last_run_tally)
-        if last or state.epoch % self.cfg.checkpoint_every == 0:
+        if last or state.epoch % self.cfg.checkpoint_every == 0 or state.epoch in self.checkpoint_epochs:
             self._report_with_checkpoint(metrics, state)
         else:
             ray.train.report(metrics)

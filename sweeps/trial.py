@@ -2,9 +2,10 @@
 config with the trial's sampled fields, logged to an MLflow child run of the sweep's parent run.
 
 ASHA / FIFO trials fit one TorchTrainer whose evaluations reach Tune through the Train → Tune report
-callback. PBT trials train in segments of `perturbation_interval` epochs, each a new Train run that
-resumes from the previous segment's checkpoint and reports it to Tune. When PBT exploits, Tune restarts
-the trial with a mutated config and the donor's checkpoint, which the next segment resumes from.
+callback. PBT trials fit one TorchTrainer too, which commits a checkpoint every `perturbation_interval`
+epochs after the warm-up (a segment boundary); a Train callback hands each to this process, which
+reports it to Tune while the run goes on. When PBT exploits, Tune ends the trial and restarts it with
+a mutated config and the donor's checkpoint, which a new Train run (a new segment folder) resumes from.
 
 A sweep continued with --resume restarts its unfinished trials: a PBT trial from the checkpoint it last
 reported to Tune, any other from the newest Train checkpoint in its folder.
@@ -13,18 +14,21 @@ reported to Tune, any other from the newest Train checkpoint in its folder.
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
 import ray.train
 from ray import tune
+from ray.train import UserCallback
 from ray.tune.integration.ray_train import TuneReportCallback
+from ray.util.queue import Empty, Queue
 
-from muse.checkpoint import latest_checkpoint, read_saved_run
+from muse.checkpoint import latest_checkpoint, read_ranks, read_saved_run
 from muse.config import ConfigError, RunConfig, validate_config, with_overrides
 from muse.data import load_dataset
 from muse.tracking import Tracker, child_tracker, finish_tracking
-from orchestration.runner import run, summarize
+from orchestration.runner import run, start_thread, summarize
 
 TRIAL_TAG = "muse.trial_id"
 SEGMENT_LOG = "segments.jsonl"  # one line per Train run of a trial: where it started and from what
@@ -58,12 +62,16 @@ def run_trial(params: dict[str, Any], sweep: dict[str, Any]) -> None:
     # No FAILED on an exception here: a trial the scheduler stops can raise on its way out too. The
     # driver closes every run left open, as FAILED or KILLED from what Tune says of the trial.
     if sweep["pbt_interval"]:
-        cfg, summary = _train_in_segments(cfg, params, trial_root, tracker, metric, sweep["pbt_interval"])
+        clock = SegmentClock(tune.get_checkpoint())
+        cfg, summary = _train_in_segments(cfg, params, trial_root, tracker, metric, sweep["pbt_interval"], clock)
     else:
         cfg, summary = _train_to_the_end(cfg, params, trial_root, tracker, metric)
     finish_tracking(tracker, cfg, summary, step=summary["epochs_done"])
-    checkpoint = tune.Checkpoint.from_directory(summary["checkpoint"]) if sweep["pbt_interval"] else None
-    tune.report(_result(summary, metric), checkpoint=checkpoint)
+    if sweep["pbt_interval"]:
+        tune.report(_result(summary, metric) | clock.lap(summary["loop_s"]),
+                    checkpoint=tune.Checkpoint.from_directory(summary["checkpoint"]))
+    else:
+        tune.report(_result(summary, metric))
 
 
 def _train_to_the_end(cfg: RunConfig, params: dict[str, Any], trial_root: Path, tracker: Tracker,
@@ -98,26 +106,85 @@ def _epoch_of(checkpoint: ray.train.Checkpoint | None) -> int:
 
 
 def _train_in_segments(cfg: RunConfig, params: dict[str, Any], trial_root: Path, tracker: Tracker,
-                       metric: str, interval: int) -> tuple[RunConfig, dict[str, Any]]:
-    """Train to the end in segments, reporting each but the last to Tune with its checkpoint."""
+                       metric: str, interval: int, clock: SegmentClock) -> tuple[RunConfig, dict[str, Any]]:
+    """One Train run to the end that commits a checkpoint at each segment boundary (every `interval`
+    epochs after the warm-up); each boundary goes to Tune with that checkpoint while the run goes on.
+    A trial PBT leaves alone never stops; one that clones another is ended by Tune with its process,
+    and restarts here, in a new segment folder, from the donor's checkpoint with the mutated config."""
     checkpoint = tune.get_checkpoint()  # the donor's after an exploit, else None
     epoch = _epoch_of(checkpoint)
     total = cfg.total_epochs
-    resumed_from = checkpoint.path if checkpoint else None
     if epoch >= total:  # cloned a donor that had already finished: its outputs are this trial's
         return cfg, summarize(cfg, checkpoint, 0.0, load_dataset(cfg.data).info)
-    while True:
-        stop_after = min(max(epoch, cfg.synthesis.warmup) + interval, total)  # warm-up joins the first segment
-        _log_segment(trial_root, tracker, cfg, params, epoch, resumed_from)
-        summary = run(cfg, checkpoint, stop_after_epoch=stop_after, tracker=tracker)
-        epoch = summary["epochs_done"]
-        if epoch >= total:
-            return cfg, summary
-        tune.report(_result(summary, metric) | {"resumed_from": resumed_from or ""},
-                    checkpoint=tune.Checkpoint.from_directory(summary["checkpoint"]))
-        checkpoint = ray.train.Checkpoint.from_directory(summary["checkpoint"])
-        resumed_from = summary["checkpoint"]
-        cfg = cfg.model_copy(update={"output_dir": next_segment(trial_root)})
+    _log_segment(trial_root, tracker, cfg, params, epoch, checkpoint.path if checkpoint else None)
+    boundaries = segment_boundaries(epoch, cfg.synthesis.warmup, interval, total)
+    boundary_reports = Queue(actor_options={"num_cpus": 0})  # the Train controller → this thread
+    callback = BoundaryCheckpointCallback(boundary_reports, boundaries)
+    fitting, outcome = start_thread("muse-trial-run", lambda: run(cfg, checkpoint, tracker=tracker, callbacks=[callback],
+                                                                   checkpoint_epochs=boundaries))
+    resumed_from = checkpoint.path if checkpoint else ""
+    while fitting.is_alive() or not boundary_reports.empty():
+        try:
+            reported = boundary_reports.get(timeout=0.5)
+        except Empty:
+            continue
+        result = _boundary_result(reported["metrics"], metric, cfg.synthesis.warmup)
+        tune.report(result | clock.lap(result["loop_s"]) | {"resumed_from": resumed_from},
+                    checkpoint=tune.Checkpoint.from_directory(reported["checkpoint"]))
+        resumed_from = ""
+    fitting.join()
+    if "error" in outcome:
+        raise outcome["error"]
+    return cfg, outcome["result"]
+
+
+def segment_boundaries(start_epoch: int, warmup: int, interval: int, total: int) -> list[int]:
+    """The epochs after `start_epoch` at which a PBT trial reports to Tune: every `interval` epochs
+    counted from the end of the warm-up (which joins the first segment), before the last epoch (the
+    trial reports that one itself, with its outputs)."""
+    return [e for e in range(warmup + interval, total, interval) if e > start_epoch]
+
+
+class SegmentClock:
+    """Each PBT segment's wall seconds in this trial process, from its start or its previous report,
+    beside the seconds its epochs took (`loop_s`, cumulative over a run and kept in its checkpoints).
+    The difference is what a segment costs besides training: Train runs and actors started, reports,
+    outputs (`benchmarks/pbt_segments.py` reads both from Tune's results)."""
+
+    def __init__(self, checkpoint: ray.train.Checkpoint | None) -> None:
+        self.started = time.monotonic()
+        self.loop_s = 0.0
+        if checkpoint is not None:
+            with checkpoint.as_directory() as directory:
+                self.loop_s = read_ranks(Path(directory))[0]["loop_s"]
+
+    def lap(self, loop_s: float) -> dict[str, float]:
+        now = time.monotonic()
+        lap = {"segment_wall_s": now - self.started, "segment_loop_s": loop_s - self.loop_s}
+        self.started, self.loop_s = now, loop_s
+        return lap
+
+
+class BoundaryCheckpointCallback(UserCallback):
+    """In the Train controller: passes each committed checkpoint of a boundary epoch, with its rank-0
+    metrics, to the trial's thread (Ray Train's Tune callback passes metrics only, and PBT clones
+    checkpoints)."""
+
+    def __init__(self, queue: Queue, boundaries: list[int]) -> None:
+        self.queue, self.boundaries = queue, set(boundaries)
+
+    def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
+        if checkpoint is not None and metrics[0].get("epoch") in self.boundaries:
+            self.queue.put({"metrics": metrics[0], "checkpoint": checkpoint.path})
+
+
+def _boundary_result(metrics: dict[str, Any], metric: str, warmup: int) -> dict[str, Any]:
+    """What Tune sees of a boundary: the epoch's numbers, like the last result of a segment."""
+    if metric not in metrics:
+        raise ValueError(f"the sweep metric {metric!r} is not in the run's evaluations ({sorted(metrics)}); "
+                         "use student_acc or a logged loss such as loss_kd")
+    return ({k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+            | {"epochs_done": metrics["epoch"], "evaluations": metrics["epoch"] - warmup})
 
 
 def _result(summary: dict[str, Any], metric: str) -> dict[str, Any]:

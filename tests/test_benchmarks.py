@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
+from benchmarks.pbt_segments import read_segments, report
 from benchmarks.pipeline import PIPELINE_KEYS, derive, format_table, record_pipeline
 from benchmarks.stages import row
 
@@ -60,3 +63,30 @@ def test_stage_overhead_is_plain_throughput_over_ours():
     r = row("distillation", images=1000, ours_s=4.0, plain_s=2.0, pixels_per_image=256)
     assert r["ours_images_s"] == 250.0 and r["plain_images_s"] == 500.0
     assert r["overhead"] == 2.0 and r["ours_pixels_s"] == 250.0 * 256
+
+
+def test_pbt_segment_overhead_is_wall_minus_epochs_over_epochs(tmp_path):
+    # Trial a: its first segment (a start: 30 s of wall for 20 s of epochs), then two that continued
+    # its Train run (21 s for 20 s), then one after a clone (resumed_from: 28 s for 20 s).
+    # Trial b: one start; its results before the clock existed are skipped.
+    lines = {"trial_a": [{"segment_wall_s": 30.0, "segment_loop_s": 20.0, "epochs_done": 8, "resumed_from": ""},
+                         {"segment_wall_s": 21.0, "segment_loop_s": 20.0, "epochs_done": 11, "resumed_from": ""},
+                         {"segment_wall_s": 21.0, "segment_loop_s": 20.0, "epochs_done": 14, "resumed_from": ""},
+                         {"segment_wall_s": 28.0, "segment_loop_s": 20.0, "epochs_done": 17, "resumed_from": "/x/ckpt"}],
+             "trial_b": [{"epochs_done": 5}, {"segment_wall_s": 50.0, "segment_loop_s": 25.0, "epochs_done": 8}]}
+    for trial, results in lines.items():
+        (tmp_path / "tune" / trial).mkdir(parents=True)
+        (tmp_path / "tune" / trial / "result.json").write_text("\n".join(json.dumps(r) for r in results) + "\n")
+    summary = report(read_segments(tmp_path))
+    assert [s["kind"] for s in summary["segments"]] == ["first", "continued", "continued", "restarted", "first"]
+    assert summary["continued"]["segments"] == 2 and summary["continued"]["median_overhead"] == pytest.approx(0.05)
+    assert summary["first"]["median_overhead"] == pytest.approx(0.75)  # of 0.5 and 1.0
+    assert summary["restarted"]["median_overhead"] == pytest.approx(0.4)
+    assert summary["all"]["total_overhead"] == pytest.approx((150 - 105) / 105)
+    assert summary["all"]["overhead_s"] == pytest.approx(45.0)
+    assert summary["after_first"]["total_overhead"] == pytest.approx((70 - 60) / 60)
+
+
+def test_pbt_segments_of_a_folder_without_a_clock_is_one_clear_error(tmp_path):
+    with pytest.raises(SystemExit, match="no PBT results with a segment clock"):
+        read_segments(tmp_path)

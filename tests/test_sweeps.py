@@ -15,7 +15,7 @@ from muse.config import ConfigError, load_config
 from muse.teacher import ensure_teacher
 from sweeps.run import TrialRow, _best, _search, concurrent_trials, format_table, run_sweep, trial_resources
 from sweeps.spec import SweepSpec, load_sweep
-from sweeps.trial import SEGMENT_LOG
+from sweeps.trial import SEGMENT_LOG, SegmentClock, _boundary_result, segment_boundaries
 
 from conftest import FAST_DIGITS, train_ready_cluster
 
@@ -112,6 +112,29 @@ def test_pbt_perturbations_stay_in_their_range():
     perturbed = {"loss.kr": 2.4, "distill.kd_steps": 3.2, "resolution.schedule": "cycle"}
     assert spec.clip_to_space(perturbed) == {"loss.kr": 2.0, "distill.kd_steps": 5, "resolution.schedule": "cycle"}
     assert spec.clip_to_space({"loss.kr": 0.5, "distill.kd_steps": 12.0})["distill.kd_steps"] == 9
+
+
+def test_pbt_boundaries_follow_the_warmup_and_skip_the_last_epoch():
+    # warm-up 5, interval 3, 29 epochs: the first boundary closes the warm-up and 3 epochs of distillation
+    assert segment_boundaries(0, warmup=5, interval=3, total=29) == [8, 11, 14, 17, 20, 23, 26]
+    assert segment_boundaries(14, warmup=5, interval=3, total=29) == [17, 20, 23, 26]  # after a restart
+    assert segment_boundaries(0, warmup=1, interval=1, total=3) == [2]  # epoch 3 is the last: reported with outputs
+
+
+def test_a_boundary_reaches_tune_like_the_end_of_a_segment():
+    metrics = {"epoch": 8, "phase": "distill", "student_acc": 71.5, "kd_steps": 90, "resumed": True}
+    assert _boundary_result(metrics, "student_acc", warmup=5) == {
+        "epoch": 8, "student_acc": 71.5, "kd_steps": 90, "epochs_done": 8, "evaluations": 3}
+    with pytest.raises(ValueError, match="sweep metric 'loss_x' is not in the run's evaluations"):
+        _boundary_result(metrics, "loss_x", warmup=5)
+
+
+def test_the_segment_clock_laps_wall_and_epoch_seconds(monkeypatch):
+    now = iter([100.0, 130.0, 151.0])
+    monkeypatch.setattr("sweeps.trial.time.monotonic", lambda: next(now))
+    clock = SegmentClock(None)  # a new trial: its loop starts at 0 s
+    assert clock.lap(20.0) == {"segment_wall_s": 30.0, "segment_loop_s": 20.0}
+    assert clock.lap(39.5) == {"segment_wall_s": 21.0, "segment_loop_s": 19.5}
 
 
 def test_best_trial_skips_failed_ones_and_the_table_follows_the_mode():
