@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -22,22 +23,36 @@ from conftest import FAST_DIGITS
 REPO = Path(__file__).resolve().parents[1]
 
 
+def ctrl_c_when(command: list[str], ready: Callable[[], bool], env: dict[str, str], wait_s: float = 420,
+                exit_s: float = 180) -> tuple[int, str]:
+    """Start `command`, send it SIGINT once `ready()` (within `wait_s`), and return its exit code and
+    stderr; a process that does not exit within `exit_s` is killed with its whole session."""
+    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    try:
+        deadline = time.monotonic() + wait_s
+        while not ready():
+            assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+            time.sleep(0.2)
+        process.send_signal(signal.SIGINT)
+        _, err = process.communicate(timeout=exit_s)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    return process.returncode, err
+
+
 def test_ctrl_c_saves_the_student_and_the_run_resumes(tmp_path, teacher_dir):
     run_dir = tmp_path / "run"
     overrides = [o for o in FAST_DIGITS if not o.startswith(("tracking.", "distill.epochs"))]
     command = [sys.executable, "-m", "muse.cli", "distill", "--config", "digits", *overrides, "distill.epochs=10",
                "checkpoint_every=1", f"output_dir={run_dir}", f"teacher.checkpoint={teacher_dir / 'digits_cnn.pt'}"]
     env = os.environ | {"PYTHONUNBUFFERED": "1"}
-    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 300
     pointer = run_dir / "checkpoint_latest.json"  # older checkpoint folders are removed as newer ones commit
-    while not pointer.exists() or json.loads(pointer.read_text())["epoch"] < 4:
-        assert process.poll() is None and time.monotonic() < deadline, process.communicate()
-        time.sleep(0.2)
-    process.send_signal(signal.SIGINT)
-    _, err = process.communicate(timeout=120)
+    returncode, err = ctrl_c_when(command, lambda: pointer.exists() and json.loads(pointer.read_text())["epoch"] >= 4,
+                                  env, wait_s=300, exit_s=120)
 
-    assert process.returncode == 130, err
+    assert returncode == 130, err
     lines = [line for line in err.splitlines() if line.startswith("interrupted")]
     assert len(lines) == 1 and "Traceback" not in err, err
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -72,20 +87,10 @@ def test_ctrl_c_of_the_ray_runner_keeps_the_last_checkpoint_and_resumes(tmp_path
                "ray.train.cpus_per_worker=0.5", f"output_dir={run_dir}",
                f"teacher.checkpoint={teacher.teacher_checkpoint}"]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"PYTHONUNBUFFERED": "1"}
-    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               start_new_session=True)
-    try:
-        deadline = time.monotonic() + 420
-        while len(committed_checkpoints(run_dir)) < 4:  # 2 warm-up epochs and 2 distillation epochs committed
-            assert process.poll() is None and time.monotonic() < deadline, process.communicate()
-            time.sleep(0.5)
-        process.send_signal(signal.SIGINT)
-        out, err = process.communicate(timeout=180)
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
+    # 2 warm-up epochs and 2 distillation epochs committed
+    returncode, err = ctrl_c_when(command, lambda: len(committed_checkpoints(run_dir)) >= 4, env)
 
-    assert process.returncode == 130, err[-3000:]
+    assert returncode == 130, err[-3000:]
     lines = [line for line in err.splitlines() if line.startswith("interrupted")]
     assert len(lines) == 1 and "Traceback" not in err, err[-3000:]
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -123,21 +128,13 @@ def test_ctrl_c_of_a_sweep_marks_its_cut_off_trials_unfinished_and_exits_130(tmp
             "space": {"loss.kr": {"grid": [0.0, 1.0]}}}
     (tmp_path / "cut.yaml").write_text(yaml.safe_dump(spec))
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"PYTHONUNBUFFERED": "1"}
-    process = subprocess.Popen([sys.executable, "sweeps/run.py", str(tmp_path / "cut.yaml"), "--num-cpus", "2"],
-                               cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               start_new_session=True)
-    try:
-        deadline = time.monotonic() + 420
-        while len(list(sweep_dir.glob("trials/*/segment-00/checkpoint_latest.json"))) < 2:  # both under way
-            assert process.poll() is None and time.monotonic() < deadline, process.communicate()
-            time.sleep(0.5)
-        process.send_signal(signal.SIGINT)
-        out, err = process.communicate(timeout=240)
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
+    def both_under_way() -> bool:
+        return len(list(sweep_dir.glob("trials/*/segment-00/checkpoint_latest.json"))) >= 2
 
-    assert process.returncode == 130, err[-3000:]
+    returncode, err = ctrl_c_when([sys.executable, "sweeps/run.py", str(tmp_path / "cut.yaml"), "--num-cpus", "2"],
+                                  both_under_way, env, exit_s=240)
+
+    assert returncode == 130, err[-3000:]
     assert "interrupted with 2 trial(s) unfinished" in err and "continue with the same command plus --resume" in err
     statuses = [line.split(",")[1] for line in (sweep_dir / "results.csv").read_text().splitlines()[1:]]
     assert statuses == ["unfinished", "unfinished"]
