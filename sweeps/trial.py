@@ -180,21 +180,21 @@ class BoundaryCheckpointCallback(UserCallback):
 
 def _boundary_result(metrics: dict[str, Any], metric: str, warmup: int) -> dict[str, Any]:
     """What Tune sees of a boundary: the epoch's numbers, like the last result of a segment."""
-    if metric not in metrics:
-        raise ValueError(f"the sweep metric {metric!r} is not in the run's evaluations ({sorted(metrics)}); "
-                         "use student_acc or a logged loss such as loss_kd")
-    return ({k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-            | {"epochs_done": metrics["epoch"], "evaluations": metrics["epoch"] - warmup})
+    return _numbers(metrics, metric) | {"epochs_done": metrics["epoch"], "evaluations": metrics["epoch"] - warmup}
 
 
 def _result(summary: dict[str, Any], metric: str) -> dict[str, Any]:
     """What Tune sees of a finished (segment of a) run: its last evaluation, like the callback's results."""
     last = summary["history"][-1] if summary["history"] else {}
-    if metric not in last:
-        raise ValueError(f"the sweep metric {metric!r} is not in the run's evaluations ({sorted(last)}); "
+    return _numbers(last, metric) | {"epochs_done": summary["epochs_done"], "evaluations": len(summary["history"])}
+
+
+def _numbers(evaluation: dict[str, Any], metric: str) -> dict[str, Any]:
+    """The numeric fields of one evaluation, which must hold the sweep's metric."""
+    if metric not in evaluation:
+        raise ValueError(f"the sweep metric {metric!r} is not in the run's evaluations ({sorted(evaluation)}); "
                          "use student_acc or a logged loss such as loss_kd")
-    return ({k: v for k, v in last.items() if isinstance(v, (int, float))}
-            | {"epochs_done": summary["epochs_done"], "evaluations": len(summary["history"])})
+    return {k: v for k, v in evaluation.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
 def next_segment(trial_root: Path) -> Path:
