@@ -7,22 +7,26 @@ Same work in every mode: the synthesis episodes and KD steps of one (small) digi
 - sequential: the single-process engine (`muse.engine.run_distillation`), loop time only, at one torch
   thread (`sequential_s`) and at all cores (`sequential_all_cores_s`);
 - pipeline N: `orchestration.run` with N generator actors and one Train worker, from the first synthesis
-  call (a fresh run's first calls go out while the Train worker sets up) to the end of the last epoch
-  (reports and checkpoints included). Start-up is reported apart: `startup_s` (run() called
-  → first synthesis episode back in the Train worker), `teardown_s` (last epoch → run() returns) and
-  `cluster_start_s` (ray.init of the local cluster, once); `startup_parts` splits start-up at the generator
-  actors being up and the Train worker entering its loop function.
+  episode begun on an actor (a fresh run's first episodes run while the Train worker starts) to the end
+  of the last epoch (reports and checkpoints included). Start-up is reported apart: `startup_s` (run()
+  called → the first synthesis episode begun), `teardown_s` (last epoch → run() returns) and
+  `cluster_start_s` (ray.init of the local cluster, once); `startup_parts` gives the generator actors up,
+  the Train worker in its loop function and the first batch back in it.
 
 Derived (`derive`):
 - machine_efficiency = max(distill, (generate + distill) / cores) / pipeline: the best this machine allows
   with every core busy (stage times at one thread), over what the pipeline took (1.0: the machine's best);
+- run_efficiency = the machine's best / run_s, run_s = startup_s + pipeline_s (run() called → last epoch):
+  the same, start-up included, which no choice of window can flatter;
 - overlap_efficiency = max(generate, distill) / pipeline: the speed-up over the slower stage run alone
   (above 1 with several generators; kept for continuity, not an efficiency);
 - feed_overhead = share of the generators' wall time not spent synthesising (weight pulls, transfer,
   waiting for the trainer).
 Every mode reports its final student accuracy and the staleness of its batches (student steps between
 the weights an episode saw and the step that took it; 0 by construction in the sequential loop).
-object_store_peak_mb is sampled while the pipeline runs.
+object_store_peak_mb is sampled while the pipeline runs, and `cpu_seconds` says where the cores went over
+the pipeline's window: CPU seconds per process role (generator actors, Train worker, Train controller,
+weight store, driver, Ray's own processes) and what stayed idle (`benchmarks/cpu_profile.py`).
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ import numpy as np
 import ray
 import torch
 
+from benchmarks.cpu_profile import CpuSampler, cpu_by_role
 from muse.config import RunConfig, load_config
 from muse.data import load_dataset
 from muse.engine import build_run, run_distillation
@@ -53,7 +58,7 @@ from orchestration.runner import run as run_pipeline
 
 # The report's per-pipeline entries, each keyed by the generator count.
 PIPELINE_KEYS = ("pipeline_s", "startup_s", "startup_parts", "teardown_s", "feed_overhead", "object_store_peak_mb",
-                 "batches_per_s", "pipeline_acc", "staleness")
+                 "batches_per_s", "pipeline_acc", "staleness", "cpu_seconds")
 WORK = ["synthesis.warmup=1", "synthesis.gwp_loops=4", "synthesis.g_loops=2", "distill.epochs=6",
         "distill.kd_steps=20"]
 
@@ -164,9 +169,13 @@ def main() -> None:
                                                 f"ray.generators.count={count}", f"ray.generators.num_cpus={cpus}",
                                                 "ray.train.count=1", "ray.train.cpus_per_worker=1"])
             fresh_folder(run_cfg.output_dir)
-            with ObjectStoreSampler() as sampler:
+            called_at = time.time()
+            with ObjectStoreSampler() as sampler, CpuSampler() as cpu:
                 summary = run_pipeline(run_cfg)
             record_pipeline(report, str(count), count, summary, sampler.peak_mb)
+            window_start = called_at + summary["timing"]["startup_s"]
+            report["cpu_seconds"][str(count)] = cpu_by_role(cpu.samples, window_start,
+                                                            window_start + report["pipeline_s"][str(count)], cores)
     finally:
         ray.shutdown()
     report |= derive(report)
@@ -185,11 +194,12 @@ def timed_sequential(cfg: RunConfig, splits) -> dict[str, Any]:
 
 def record_pipeline(report: dict[str, Any], key: str, count: int, summary: dict[str, Any], peak_mb: float) -> None:
     timing = summary["timing"]
-    loop_s = summary["loop_s"] + timing["synthesis_before_loop_s"]  # from the first synthesis call on
+    loop_s = summary["loop_s"] + timing["synthesis_before_loop_s"]  # from the first episode begun on
     report["pipeline_s"][key] = loop_s
     report["startup_s"][key] = timing["startup_s"]
     report["startup_parts"][key] = {"actors_ready_s": timing["actors_ready_s"],
-                                    "workers_started_s": timing["workers_started_s"]}
+                                    "workers_started_s": timing["workers_started_s"],
+                                    "first_batch_s": timing["first_batch_s"]}
     report["teardown_s"][key] = summary["wall_s"] - timing["loop_started_s"] - summary["loop_s"]
     report["feed_overhead"][key] = max(0.0, 1.0 - summary["synthesis"]["synthesis_s"] / (loop_s * count))
     report["object_store_peak_mb"][key] = peak_mb
@@ -206,8 +216,10 @@ def derive(report: dict[str, Any]) -> dict[str, Any]:
     machine_best = max(distill, (generate + distill) / cores)
     pipelines = report["pipeline_s"]
     best = min(pipelines, key=pipelines.get) if pipelines else None
+    runs = {k: report["startup_s"][k] + v for k, v in pipelines.items()}  # run() called → last epoch
     return {"machine_best_s": machine_best,
             "machine_efficiency": {k: machine_best / v for k, v in pipelines.items()},
+            "run_s": runs, "run_efficiency": {k: machine_best / v for k, v in runs.items()},
             "overlap_efficiency": {k: max(generate, distill) / v for k, v in pipelines.items()},
             "best_generators": best,
             "best_vs_sequential_all_cores": (report["sequential_all_cores_s"] / pipelines[best]) if best else None}
@@ -230,12 +242,17 @@ def format_table(report: dict[str, Any]) -> str:
         lines.append(f"{'pipeline ' + key + ' gen':<22} {seconds:>8.1f} {report['machine_efficiency'][key]:>11.2f} "
                      f"{report['feed_overhead'][key]:>9.2f} {stale['mean']:>5.1f} / {stale['max']:<3} "
                      f"{report['pipeline_acc'][key]:>9.2f}")
-    lines.append(f"local cluster start: {report['cluster_start_s']:.1f} s; start-up, run() called → actors up / "
-                 "Train worker in its loop / first batch back:")
+    for key, roles in report.get("cpu_seconds", {}).items():
+        capacity = sum(roles.values())
+        lines.append(f"pipeline {key} gen, the cores over the pipeline ({capacity:.1f} CPU·s): " +
+                     ", ".join(f"{role} {100 * used / capacity:.0f}%" for role, used in roles.items()))
+    lines.append(f"local cluster start: {report['cluster_start_s']:.1f} s; start-up, run() called → first episode "
+                 "begun / actors up / Train worker in its loop / first batch back in it:")
     for key, seconds in report["startup_s"].items():
         parts = report["startup_parts"][key]
-        lines.append(f"  {key} gen: {parts['actors_ready_s']:.1f} / {parts['workers_started_s']:.1f} / {seconds:.1f} s"
-                     f" (teardown {report['teardown_s'][key]:.1f} s)")
+        lines.append(f"  {key} gen: {seconds:.1f} / {parts['actors_ready_s']:.1f} / {parts['workers_started_s']:.1f} / "
+                     f"{parts['first_batch_s']:.1f} s (teardown {report['teardown_s'][key]:.1f} s); run() → last epoch "
+                     f"{report['run_s'][key]:.1f} s, run efficiency {report['run_efficiency'][key]:.2f}")
     return "\n".join(lines)
 
 

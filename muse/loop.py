@@ -230,10 +230,9 @@ def synthesise(cfg: RunConfig, epoch: int, state: RunState, source: RecordSource
     spent); those the source admits enter the pool. Returns the last episode's losses."""
     records = source.episodes(epoch, adversarial=not warming_up)
     kind = cfg.budget.kind
-    if warming_up or kind == "epochs":
-        loops = cfg.synthesis.gwp_loops if warming_up else cfg.synthesis.g_loops
-        target, count = math.inf, math.ceil(loops / source.world)
-    else:
+    count: float | None = episodes_of_epoch(cfg, epoch, source.world)
+    target = math.inf
+    if count is None:
         # The rest of this process's budget, spread evenly over the distillation epochs left.
         remaining_epochs = cfg.total_epochs - epoch
         spent = spend(state.tally, kind)
@@ -250,6 +249,23 @@ def synthesise(cfg: RunConfig, epoch: int, state: RunState, source: RecordSource
             pool.add(record)
         hooks.after_episode(state, pool)
     return synthesis_loss
+
+
+def episodes_of_epoch(cfg: RunConfig, epoch: int, world: int) -> int | None:
+    """Episodes each of `world` processes takes in epoch index `epoch`; None where a synthesis budget
+    decides (the count then depends on what the episodes spent)."""
+    if epoch < cfg.synthesis.warmup:
+        return math.ceil(cfg.synthesis.gwp_loops / world)
+    if cfg.budget.kind == "epochs":
+        return math.ceil(cfg.synthesis.g_loops / world)
+    return None
+
+
+def episodes_to_take(cfg: RunConfig, from_epoch: int, to_epoch: int, world: int) -> int | None:
+    """Episodes each of `world` processes takes over epoch indices [from_epoch, to_epoch); None where a
+    synthesis budget decides any of them."""
+    counts = [episodes_of_epoch(cfg, epoch, world) for epoch in range(from_epoch, to_epoch)]
+    return None if None in counts else sum(counts)
 
 
 def spend(tally: SynthesisTally, kind: str) -> float:

@@ -1,22 +1,33 @@
 """The Ray layer of muse-ray: GeneratorActor × N → (pull feed) → Train workers, student weights back
-through the WeightStore. The method itself lives in `muse/` and never imports Ray."""
+through the WeightStore. The method itself lives in `muse/` and never imports Ray.
 
-from muse.config import RayConfig
-from orchestration.feed import GenerationFeed
-from orchestration.generator_actor import GeneratorActor, create_generator_actors, wait_until_ready
-from orchestration.records import record_from_dict, record_to_dict
-from orchestration.weight_store import StalenessPolicy, WeightStore, create_weight_store, staleness
+The names below are imported on first use (PEP 562): a process that needs one module, e.g. the
+WeightStore actor's, then does not import torch and timm with the rest (seconds on a small machine).
+"""
 
-__all__ = [
-    "GenerationFeed",
-    "GeneratorActor",
-    "RayConfig",
-    "StalenessPolicy",
-    "WeightStore",
-    "create_generator_actors",
-    "create_weight_store",
-    "record_from_dict",
-    "record_to_dict",
-    "staleness",
-    "wait_until_ready",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "GenerationFeed": "orchestration.feed",
+    "GeneratorActor": "orchestration.generator_actor",
+    "RayConfig": "muse.config",
+    "StalenessPolicy": "orchestration.weight_store",
+    "WeightStore": "orchestration.weight_store",
+    "create_generator_actors": "orchestration.generator_actor",
+    "create_weight_store": "orchestration.weight_store",
+    "record_from_dict": "orchestration.records",
+    "record_to_dict": "orchestration.records",
+    "staleness": "orchestration.weight_store",
+    "wait_until_ready": "orchestration.generator_actor",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'orchestration' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)

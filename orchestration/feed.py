@@ -39,15 +39,19 @@ class GenerationFeed:
     Episode numbers are global across Train workers: worker `rank` of `world_size` issues episodes
     start_episode + rank, start_episode + rank + world_size, … so pool shards and resolution schedules
     never collide. `set_phase` applies to calls submitted after it; `drain` first to apply it to all.
+    With `limit` the feed numbers no more than that many episodes: where the run's need is known, no
+    generator works on an episode nobody will take (at the end of a run, or before a stop epoch).
     """
 
     def __init__(self, actors: list[ActorHandle], in_flight: int, *, rank: int = 0, world_size: int = 1,
                  start_episode: int = 0, epoch: int = 0, adversarial: bool = False,
-                 resolution: int | None = None, copy_arrays: bool = False) -> None:
+                 resolution: int | None = None, copy_arrays: bool = False, limit: int | None = None) -> None:
         if not actors:
             raise ValueError("a GenerationFeed needs at least one generator actor")
         if in_flight < 1:
             raise ValueError(f"in_flight must be ≥ 1, got {in_flight}")
+        if limit is not None and limit < 0:
+            raise ValueError(f"limit must be ≥ 0, got {limit}")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world_size {world_size}")
         self.actors = list(actors)
@@ -57,15 +61,17 @@ class GenerationFeed:
         self.resolution = resolution  # None: each actor follows the resolution schedule
         self.copy_arrays = copy_arrays
         self.issued = 0  # episodes numbered so far by this feed
+        self.limit = limit
         self._pending: dict[ray.ObjectRef, _Call] = {}
         self._retry: deque[_Call] = deque()
         self._load = [0] * len(self.actors)
         self._dead: set[int] = set()
-        self._cursor = 0
+        self._cursor = rank % len(self.actors)  # ranks start on different actors
         self.records = 0
         self.wait_s = 0.0  # time blocked in ray.wait: the feed's overhead as seen by the trainer
         self.first_record_at: float | None = None  # time.time() of the first batch back (start-up's end)
-        self.first_call_at: float | None = None  # time.time() of the first call submitted (synthesis starts)
+        self.first_call_at: float | None = None  # time.time() of the first call submitted
+        self.first_episode_at: float | None = None  # time.time() an actor began the earliest episode got back
         self.actor_failures = 0
         self.last_error: BaseException | None = None
 
@@ -74,12 +80,38 @@ class GenerationFeed:
         return len(self._pending)
 
     @property
+    def exhausted(self) -> bool:
+        """Every episode the limit allows is numbered (in flight or taken)."""
+        return self.limit is not None and self.issued >= self.limit
+
+    @property
     def live_actors(self) -> int:
         return len(self.actors) - len(self._dead)
 
     def start(self) -> GenerationFeed:
         """Submit the first K calls now (otherwise the first `next_record` does)."""
         self._fill(new_calls=True)
+        return self
+
+    def hand_over(self) -> list[tuple[ray.ObjectRef, _Call]]:
+        """The calls in flight, for another feed to `adopt` (e.g. in another process); this feed lets go of them."""
+        calls = list(self._pending.items())
+        self._pending.clear()
+        self._load = [0] * len(self.actors)
+        return calls
+
+    def adopt(self, calls: list[tuple[ray.ObjectRef, _Call]]) -> GenerationFeed:
+        """Take over calls that another feed of the same rank, actors and numbering submitted (`hand_over`)
+        as this feed's first episodes, before it submits any of its own."""
+        if self.issued:
+            raise ValueError("adopt calls before the feed submits its own")
+        for ref, call in calls:
+            expected = self._new_call().episode
+            if call.episode != expected:
+                raise ValueError(f"handed-over episode {call.episode} is not this feed's next ({expected}): "
+                                 "a different rank, world size or start episode")
+            self._pending[ref] = call
+            self._load[call.actor] += 1
         return self
 
     def set_phase(self, epoch: int, adversarial: bool) -> None:
@@ -107,6 +139,8 @@ class GenerationFeed:
         while True:
             self._fill(new_calls=replace)
             if not self._pending:
+                if replace and self.exhausted and not self._retry:
+                    raise RuntimeError(f"all {self.limit} episodes of this feed are taken; none is left to wait for")
                 if self._retry or replace:
                     raise RuntimeError(f"no live generator actors left (of {len(self.actors)})") from self.last_error
                 return None
@@ -126,6 +160,8 @@ class GenerationFeed:
                 continue
             if replace:
                 self._fill(new_calls=True)
+            if (began := payload.get("started_at")) is not None:
+                self.first_episode_at = min(self.first_episode_at or began, began)
             self.records += 1
             self.first_record_at = self.first_record_at or time.time()
             return record_from_dict(payload, copy=self.copy_arrays)
@@ -156,7 +192,7 @@ class GenerationFeed:
     def _fill(self, new_calls: bool = True) -> None:
         """Resubmit lost calls, then (with `new_calls`) add new episodes, up to K calls in flight."""
         while len(self._pending) < self.in_flight_target and self.live_actors > 0:
-            if not self._retry and not new_calls:
+            if not self._retry and (not new_calls or self.exhausted):
                 return
             call = self._retry.popleft() if self._retry else self._new_call()
             call.actor = self._choose_actor()
@@ -191,3 +227,13 @@ class GenerationFeed:
         if not isinstance(error, ActorUnavailableError):
             self._dead.add(call.actor)
         self._retry.append(call)
+
+
+def submit_first_episodes(actors: list[ActorHandle], world_size: int, per_rank: int) -> list[list[tuple[ray.ObjectRef, _Call]]]:
+    """A fresh run's first `per_rank` episodes of each of `world_size` Train ranks, submitted now (warm-up
+    episodes need no student, so the driver can start them as soon as the actors exist, before the Train
+    workers are up), numbered as each rank's feed would number them; rank r's feed `adopt`s list r."""
+    if per_rank < 1:
+        return [[] for _ in range(world_size)]
+    return [GenerationFeed(actors, per_rank, rank=rank, world_size=world_size, limit=per_rank).start().hand_over()
+            for rank in range(world_size)]

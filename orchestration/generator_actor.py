@@ -72,6 +72,7 @@ class GeneratorActor:
         total_epochs = self.cfg.synthesis.warmup + self.cfg.distill.epochs
         self.schedule = ResolutionSchedule(self.cfg.resolution, total_epochs, self.cfg.seed)
         self.epoch: int | None = None  # last epoch seen; None: fresh generator, nothing to rebuild
+        self.ready_at = time.time()
 
     def generate(self, epoch: int, episode: int, resolution: int | None = None,
                  adversarial: bool = False) -> dict[str, Any]:
@@ -81,9 +82,10 @@ class GeneratorActor:
 
         Returns `record_to_dict` of the `SynthesisRecord` (its `step` is `episode`, unique across
         actors) plus `actor`, `epoch`, `episode`, `adversarial` (whether the student was used) and
-        `actor_step` (this actor's episode counter); timings add `pull_s` and `generate_s`.
+        `actor_step` (this actor's episode counter) and `started_at` (time.time() the call began); timings
+        add `pull_s` and `generate_s`.
         """
-        started = time.perf_counter()
+        started, started_at = time.perf_counter(), time.time()
         self.maybe_rebuild(epoch)
         pull_s = self._pull_weights()
         if resolution is None:
@@ -96,7 +98,7 @@ class GeneratorActor:
         record.step = episode
         record.timings |= {"pull_s": pull_s, "generate_s": time.perf_counter() - started}
         return record_to_dict(record, actor=self.index, epoch=epoch, episode=episode, adversarial=use_student,
-                              actor_step=self.synthesizer.step)
+                              actor_step=self.synthesizer.step, started_at=started_at)
 
     def _pull_weights(self) -> float:
         """Load the store's student weights when they are not ours (newer, or older after a Train restart);
@@ -139,7 +141,7 @@ class GeneratorActor:
 
     def ping(self) -> dict[str, Any]:
         return {"index": self.index, "pid": os.getpid(), "student_version": self.student_version,
-                "step": self.synthesizer.step, "device": str(self.device)}
+                "step": self.synthesizer.step, "device": str(self.device), "ready_at": self.ready_at}
 
 
 def create_generator_actors(cfg: RunConfig, count: int, num_cpus: float, num_gpus: float = 0.0,

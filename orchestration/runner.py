@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import sys
 import threading
 import time
@@ -25,7 +26,6 @@ from muse.commandline import (add_run_control_flags, add_tracking_flags, format_
                               parse_command_line, run_config, tracking_overrides)
 from muse.config import ConfigError, RunConfig
 from muse.data import DatasetError, DatasetInfo, load_dataset
-from muse.io import save_json
 from muse.loop import SynthesisTally
 from muse.outputs import RunInterrupted, build_summary, save_outputs
 from muse.runtime import resolve_device
@@ -33,9 +33,11 @@ from muse.synthesis import applicable_key_region
 from muse.teacher import ensure_teacher
 from muse.tracking import Tracker, check_store, finish_tracking, run_tracker, ui_hint
 from orchestration.cluster import connect
+from orchestration.commit_pointer import CommitPointer
+from orchestration.feed import submit_first_episodes
 from orchestration.generator_actor import create_generator_actors, wait_until_ready
 from orchestration.train_loop import train_loop_per_worker
-from orchestration.weight_store import create_weight_store
+from orchestration.weight_store import create_weight_store, wait_until_store_ready
 
 USAGE = """Run MUSE on Ray: generator actors feed the object store, Ray Train workers distil the student.
 
@@ -107,10 +109,13 @@ def run(cfg: RunConfig, checkpoint: ray.train.Checkpoint | None = None, stop_aft
     # Start-up overlaps: the actors start (import torch, load the teacher) while this process opens the
     # MLflow run and the Train workers start; the actors' readiness is checked while fit() runs.
     store_name = f"muse-weights-{uuid.uuid4().hex[:8]}"
-    store = create_weight_store(store_name)
+    store = create_weight_store(store_name, wait=False)  # checked with the actors, while fit() runs
     g = cfg.ray.generators
     actors = create_generator_actors(cfg, g.count, g.num_cpus, g.num_gpus, store_name, splits.info,
                                      resources=g.resources)
+    # Queued on the actors now, run as soon as each is up; the refs stay ours until the run ends.
+    first_calls = submit_first_episodes(actors, cfg.ray.train.count or 1,
+                                        first_episodes_per_rank(cfg) if checkpoint is None else 0)
     interrupted = False
     actors_ready_at = 0.0
     try:
@@ -121,7 +126,8 @@ def run(cfg: RunConfig, checkpoint: ray.train.Checkpoint | None = None, stop_aft
         trainer = TorchTrainer(
             train_loop_per_worker,
             train_loop_config={"run": cfg.model_dump(mode="json"), "generators": actors,
-                               "weight_store": store_name, "stop_after_epoch": stop_after_epoch,
+                               "weight_store": store_name, "first_calls": first_calls,
+                               "stop_after_epoch": stop_after_epoch,
                                "checkpoint_epochs": list(checkpoint_epochs), "resume_from": checkpoint,
                                "tracking": tracker.handle},
             scaling_config=ray.train.ScalingConfig(
@@ -129,14 +135,16 @@ def run(cfg: RunConfig, checkpoint: ray.train.Checkpoint | None = None, stop_aft
                 resources_per_worker={"CPU": t.cpus_per_worker, **t.resources}),
             run_config=ray.train.RunConfig(name=cfg.output_dir.name, storage_path=str(cfg.output_dir.parent),
                                            failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
-                                           callbacks=[CommitPointer(cfg.output_dir), *callbacks],
+                                           callbacks=[CommitPointer(cfg.output_dir / LOCAL_POINTER), *callbacks],
                                            logging_config=ray.train.LoggingConfig(log_level=t.log_level)),
         )
 
         def actors_ready() -> None:
             nonlocal actors_ready_at
-            wait_until_ready(actors)  # a constructor error (e.g. an unreadable teacher) is raised here
-            actors_ready_at = time.time()
+            wait_until_store_ready(store)
+            # A constructor error (e.g. an unreadable teacher) is raised here. The pings queue behind the
+            # first episodes: each actor says when it was up.
+            actors_ready_at = max(ping["ready_at"] for ping in wait_until_ready(actors))
 
         result = fit_interruptibly(trainer, while_fitting=actors_ready)
         if result.error is not None:
@@ -170,18 +178,15 @@ def run(cfg: RunConfig, checkpoint: ray.train.Checkpoint | None = None, stop_aft
     return summary
 
 
-class CommitPointer(UserCallback):
-    """In the Train controller: after each checkpoint Ray Train commits, point `checkpoint_latest.json` at
-    it (written atomically). Ray Train rewrites its own snapshot in place, so a full disk can leave it
-    empty; the pointer then still names the last whole checkpoint, and `--resume` continues from it."""
-
-    def __init__(self, run_dir: Path) -> None:
-        self.run_dir = Path(run_dir)
-
-    def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: ray.train.Checkpoint | None) -> None:
-        if checkpoint is not None:
-            save_json({"checkpoint_dir_name": Path(checkpoint.path).name, "epoch": metrics[0].get("epoch")},
-                      self.run_dir / LOCAL_POINTER)
+def first_episodes_per_rank(cfg: RunConfig) -> int:
+    """How many of each Train rank's first warm-up episodes the driver submits: the first warm-up epoch's,
+    up to two per generator actor (enough to keep the actors busy until the Train workers are up,
+    without holding many batches in the object store)."""
+    if cfg.synthesis.warmup == 0:
+        return 0
+    world = cfg.ray.train.count or 1
+    per_rank_actors = math.ceil(cfg.ray.generators.count / world)
+    return min(math.ceil(cfg.synthesis.gwp_loops / world), max(cfg.ray.feed.in_flight, 2 * per_rank_actors))
 
 
 def fit_interruptibly(trainer: TorchTrainer, while_fitting: Callable[[], None] = lambda: None) -> ray.train.Result:
@@ -239,8 +244,9 @@ def summarize(cfg: RunConfig, checkpoint: ray.train.Checkpoint, wall_s: float, i
     """The run's summary, read from the final checkpoint (synthesis counts summed over every rank) and
     written with the student to output_dir; `interrupted` marks it as the state where Ctrl+C left the run.
     With `start_marks` (time.time() when run() was called, and when the generator actors were up) it
-    reports start-up: seconds from run() called to the actors up, to the Train workers in their loop
-    function, and to the first synthetic batch back in a Train worker (`startup_s`)."""
+    reports start-up: seconds from run() called to the first synthesis episode begun on an actor
+    (`startup_s`), to the actors up, to the Train workers in their loop function, and to the first
+    synthetic batch back in a Train worker."""
     with checkpoint.as_directory() as directory:
         saved, ranks = read_saved_run(Path(directory)), list(read_ranks(Path(directory)).values())
     summary = build_summary(cfg, teacher_acc=saved.teacher_acc, history=saved.history,
@@ -251,15 +257,17 @@ def summarize(cfg: RunConfig, checkpoint: ray.train.Checkpoint, wall_s: float, i
                 "staleness": [rank["source"].get("staleness", {}) for rank in ranks],  # since the last (re)start
                 "ray": cfg.ray.model_dump(mode="json")}
     first_batches = [rank["source"].get("first_record_at") for rank in ranks]
+    first_episodes = [rank["source"].get("first_episode_at") for rank in ranks]
     worker_starts = [rank["source"].get("worker_started_at") for rank in ranks]
-    if start_marks is not None and all(first_batches) and all(worker_starts):
+    if start_marks is not None and all(first_batches) and all(first_episodes) and all(worker_starts):
         started_at, actors_ready_at = start_marks
-        # Synthesis may start before the epoch loop (a fresh run's first calls go out while the worker sets up).
-        leads = [rank["source"]["loop_started_at"] - rank["source"]["first_call_at"] for rank in ranks
-                 if rank["source"].get("loop_started_at") and rank["source"].get("first_call_at")]
-        summary["timing"] = {"actors_ready_s": actors_ready_at - started_at,
+        # Synthesis starts before the epoch loop in a fresh run (its first episodes need no Train worker).
+        leads = [rank["source"]["loop_started_at"] - rank["source"]["first_episode_at"] for rank in ranks
+                 if rank["source"].get("loop_started_at")]
+        summary["timing"] = {"startup_s": min(first_episodes) - started_at,
+                             "actors_ready_s": actors_ready_at - started_at,
                              "workers_started_s": max(worker_starts) - started_at,
-                             "startup_s": min(first_batches) - started_at,
+                             "first_batch_s": min(first_batches) - started_at,
                              "synthesis_before_loop_s": max([0.0, *leads])}
         loop_starts = [rank["source"].get("loop_started_at") for rank in ranks]
         if all(loop_starts):

@@ -29,7 +29,8 @@ from muse.data import DatasetInfo, load_dataset
 from muse.distillation import Distiller
 from muse.embeddings import label_embeddings
 from muse.evaluate import accuracy
-from muse.loop import EpochHooks, RunState, SynthesisTally, build_distiller, run_epochs, teacher_accuracy
+from muse.loop import (EpochHooks, RunState, SynthesisTally, build_distiller, episodes_to_take, run_epochs,
+                       teacher_accuracy)
 from muse.pool import SyntheticPool
 from muse.synthesis import SynthesisRecord
 from muse.teacher import load_teacher
@@ -40,7 +41,8 @@ from orchestration.weight_store import StalenessPolicy, state_to_numpy
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """Entry point of every Train worker. `loop_config`: run (RunConfig as JSON dict), generators
-    (actor handles), weight_store (actor name), stop_after_epoch (optional, for staged runs), resume_from
+    (actor handles), weight_store (actor name), first_calls (optional: per rank, the first episodes the
+    driver submitted, `submit_first_episodes`), stop_after_epoch (optional, for staged runs), resume_from
     (optional Checkpoint), tracking (optional MLflow run handle that rank 0 logs each epoch to),
     checkpoint_epochs (optional: epochs checkpointed besides every `checkpoint_every` and the last)."""
     entered_at = time.time()  # start-up accounting: the worker process is up and has imported this module
@@ -54,11 +56,15 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     # This Train run's latest checkpoint (Ray Train restores it from output_dir's snapshot, and after a
     # worker-group restart), else the one the driver was asked to resume from.
     checkpoint: ray.train.Checkpoint | None = ray.train.get_checkpoint() or loop_config.get("resume_from")
+    end_epoch = loop_config.get("stop_after_epoch") or cfg.total_epochs
     feed: GenerationFeed | None = None
     if checkpoint is None and cfg.synthesis.warmup > 0:
-        # A fresh run's first episodes (warm-up: no student in them) need nothing from this worker: they
-        # are synthesised while it loads the data, the teacher and the student.
-        feed = GenerationFeed(actors, cfg.ray.feed.in_flight, rank=rank, world_size=world).start()
+        # A fresh run's first episodes (warm-up: no student in them) need nothing from this worker: the
+        # driver submitted the first ones as the actors started, and the rest go out now, while this
+        # worker loads the data, the teacher and the student.
+        first_calls = loop_config.get("first_calls") or [[] for _ in range(world)]
+        feed = GenerationFeed(actors, cfg.ray.feed.in_flight, rank=rank, world_size=world,
+                              limit=episodes_to_take(cfg, 0, end_epoch, world)).adopt(first_calls[rank]).start()
     try:
         splits = load_dataset(cfg.data)
         info = splits.info
@@ -88,7 +94,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
         feed = feed or GenerationFeed(actors, cfg.ray.feed.in_flight, rank=rank, world_size=world,
                                       start_episode=next_episode, epoch=state.epoch,
-                                      adversarial=state.epoch >= cfg.synthesis.warmup)
+                                      adversarial=state.epoch >= cfg.synthesis.warmup,
+                                      limit=episodes_to_take(cfg, state.epoch, end_epoch, world))
         policy = StalenessPolicy.from_config(cfg.ray.weights)
         source = FeedSource(feed, policy, distiller, world, cfg.ray.feed.timeout_s)
         # Rank 0 logs each evaluation as it happens (Ray's rank-zero-only pattern); the driver owns the run.
@@ -226,7 +233,8 @@ class RayWorkerHooks(EpochHooks):
 def feed_state(feed: GenerationFeed) -> dict[str, Any]:
     """A feed's episode numbering (a resumed run numbers on past it) and counters, for a checkpoint."""
     return {"issued": feed.issued, "start_episode": feed.start_episode, "world_size": feed.world_size,
-            "feed": feed.metrics(), "first_call_at": feed.first_call_at, "first_record_at": feed.first_record_at}
+            "feed": feed.metrics(), "first_call_at": feed.first_call_at, "first_episode_at": feed.first_episode_at,
+            "first_record_at": feed.first_record_at}
 
 
 def _set_report_log_level(level: str) -> None:

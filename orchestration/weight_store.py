@@ -8,23 +8,27 @@ applies a `StalenessPolicy`.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import ray
-import torch
 from ray.actor import ActorHandle
 from ray.exceptions import GetTimeoutError
+
+if TYPE_CHECKING:  # torch is imported where it is used: the store's own process never needs it
+    import torch
 
 NO_VERSION = -1  # the version of "no weights yet"
 
 
 def state_to_numpy(state: Mapping[str, Any]) -> dict[str, np.ndarray]:
     """A state dict as CPU numpy arrays: numpy travels through Ray zero-copy, torch tensors are pickled."""
+    torch = sys.modules.get("torch")  # a process holding a tensor has imported torch; the store's has not
     out = {}
     for key, value in state.items():
-        if isinstance(value, torch.Tensor):
+        if torch is not None and isinstance(value, torch.Tensor):
             value = value.detach().cpu()
             value = value.float() if value.dtype == torch.bfloat16 else value  # numpy has no bfloat16
             value = value.numpy()
@@ -34,6 +38,8 @@ def state_to_numpy(state: Mapping[str, Any]) -> dict[str, np.ndarray]:
 
 def numpy_to_state(arrays: Mapping[str, np.ndarray]) -> dict[str, torch.Tensor]:
     """Tensors for `load_state_dict` (copied, so read-only object-store views are fine)."""
+    import torch
+
     return {key: torch.tensor(np.asarray(value)) for key, value in arrays.items()}
 
 
@@ -74,22 +80,28 @@ class WeightStore:
 
 
 def create_weight_store(name: str | None = None, scheduling_strategy: Any = None,
-                        timeout_s: float = 300.0) -> ActorHandle:
-    """Start a WeightStore actor and wait until it is up (no CPU reserved; restarted empty if it dies,
-    and pullers then keep their current weights until the next push). With a `name` (unique per run:
-    several runs may share a cluster), GeneratorActors can find it by name."""
+                        timeout_s: float = 300.0, wait: bool = True) -> ActorHandle:
+    """Start a WeightStore actor and (with `wait`) wait until it is up (no CPU reserved; restarted empty
+    if it dies, and pullers then keep their current weights until the next push). With a `name` (unique
+    per run: several runs may share a cluster), GeneratorActors can find it by name; the name is
+    registered before this returns, so they can be started without waiting."""
     options: dict[str, Any] = {"num_cpus": 0, "max_restarts": -1, "max_task_retries": -1}
     if name is not None:
         options["name"] = name
     if scheduling_strategy is not None:
         options["scheduling_strategy"] = scheduling_strategy
     store = ray.remote(WeightStore).options(**options).remote()
+    if wait:
+        wait_until_store_ready(store, timeout_s)
+    return store
+
+
+def wait_until_store_ready(store: ActorHandle, timeout_s: float = 300.0) -> None:
     try:
         ray.get(store.latest_version.remote(), timeout=timeout_s)
     except GetTimeoutError:
         raise RuntimeError(f"the weight store actor did not start within {timeout_s:g} s: is the cluster overloaded, "
                            "or out of memory for a new worker process?") from None
-    return store
 
 
 def staleness(current_version: int, batch_version: int) -> int:

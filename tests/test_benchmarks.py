@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+import time
 
 import pytest
 
+from benchmarks.cpu_profile import DRIVER, RAY_SYSTEM, cpu_by_role, role_of, snapshot
 from benchmarks.pbt_segments import read_segments, report
 from benchmarks.pipeline import PIPELINE_KEYS, derive, format_table, record_pipeline
 from benchmarks.stages import row
@@ -23,7 +28,7 @@ def fake_pipeline_report() -> dict:
 def fake_summary(loop_s: float, synthesis_s: float, wall_s: float, startup_s: float) -> dict:
     return {"loop_s": loop_s, "wall_s": wall_s, "synthesis_episodes": 18,
             "timing": {"startup_s": startup_s, "actors_ready_s": 3.0, "workers_started_s": 12.0,
-                       "synthesis_before_loop_s": 0.0, "loop_started_s": startup_s},
+                       "first_batch_s": startup_s + 2.0, "synthesis_before_loop_s": 0.0, "loop_started_s": startup_s},
             "synthesis": {"synthesis_s": synthesis_s}, "student_acc": 80.0,
             "staleness": [{"mean_staleness": 4.0, "max_staleness": 12}, {"mean_staleness": 2.0, "max_staleness": 20}]}
 
@@ -39,6 +44,8 @@ def test_machine_efficiency_is_the_machines_best_over_the_pipeline():
     assert derived["overlap_efficiency"]["2"] == pytest.approx(34.2 / 25.3)  # the old, speed-up figure
     assert derived["best_generators"] == "2"
     assert derived["best_vs_sequential_all_cores"] == pytest.approx(30.0 / 25.3)
+    assert derived["run_s"]["2"] == pytest.approx(21.0 + 25.3)  # start-up counts here
+    assert derived["run_efficiency"]["2"] == pytest.approx(19.15 / 46.3)
 
 
 def test_a_trainer_bound_machine_is_bounded_by_distillation():
@@ -57,6 +64,7 @@ def test_pipeline_record_splits_startup_loop_and_teardown_and_reads_staleness():
     report |= derive(report)
     table = format_table(report)
     assert "pipeline 2 gen" in table and "0.77" in table and "3.0 / 20" in table
+    assert "2 gen: 21.0 / 3.0 / 12.0 / 23.0 s" in table and "run() → last epoch 46.0 s" in table
 
 
 def test_stage_overhead_is_plain_throughput_over_ours():
@@ -90,3 +98,32 @@ def test_pbt_segment_overhead_is_wall_minus_epochs_over_epochs(tmp_path):
 def test_pbt_segments_of_a_folder_without_a_clock_is_one_clear_error(tmp_path):
     with pytest.raises(SystemExit, match="no PBT results with a segment clock"):
         read_segments(tmp_path)
+
+
+def test_cpu_by_role_counts_each_process_over_the_window_and_the_idle_rest():
+    samples = [(0.0, {1: (5.0, "driver", -9.0), 2: (10.0, "generator actors", -5.0)}),
+               (1.0, {1: (5.5, "driver", -9.0), 2: (11.0, "generator actors", -5.0), 3: (0.5, "train worker", 0.8),
+                      4: (30.0, "ray system", -3.0)}),  # 4 was missed at the window's start
+               (2.0, {1: (5.6, "driver", -9.0), 2: (12.0, "generator actors", -5.0), 4: (30.1, "ray system", -3.0)}),
+               (3.0, {1: (9.0, "driver", -9.0), 2: (20.0, "generator actors", -5.0)})]  # after the window
+    used = cpu_by_role(samples, start=0.5, end=2.5, cores=2)
+    # 3 started in the window and exited (its last sample stands); 4 counts from its first sample
+    assert used == {"driver": pytest.approx(0.6), "generator actors": pytest.approx(2.0), "idle": pytest.approx(0.8),
+                    "ray system": pytest.approx(0.1), "train worker": pytest.approx(0.5)}
+    with pytest.raises(ValueError, match="no sample"):
+        cpu_by_role(samples, start=-1.0, end=2.5, cores=2)
+
+
+def test_a_snapshot_finds_the_processes_below_this_one_with_their_cpu_time():
+    busy = subprocess.Popen([sys.executable, "-c", "import time\nend = time.time() + 0.4\nwhile time.time() < end: pass\n"
+                             "time.sleep(30)"])
+    try:
+        time.sleep(1.5)
+        processes = snapshot(os.getpid())
+        assert processes[os.getpid()][1] == DRIVER
+        cpu_s, role, started = processes[busy.pid]
+        assert role == RAY_SYSTEM and 0.3 <= cpu_s <= 1.5 and abs(started - (time.time() - 1.5)) < 1.0
+        assert role_of("ray::GeneratorActor.generate()", 7, 1) == "generator actors"
+    finally:
+        busy.kill()
+        busy.wait()

@@ -17,6 +17,7 @@ from muse.checkpoint import (LOCAL_POINTER, STATE_FILE, TRAIN_SNAPSHOT, latest_c
                              read_ranks, read_saved_run)
 from muse.cli import main as muse_main
 from muse.config import load_config
+from muse.loop import episodes_to_take
 from muse.models import classifier_weight
 from muse.pool import SyntheticPool
 from muse.teacher import ensure_teacher, load_teacher
@@ -180,6 +181,18 @@ def assert_budget_spent(summary: dict, pool_dir: Path) -> None:
     assert total == sum(r.pixels for r in SyntheticPool.load(pool_dir, capacity=10**6).records)
     assert summary["history"][-1]["pixels"] == total
     assert [h["pixels"] for h in summary["history"]] == sorted(h["pixels"] for h in summary["history"])
+
+
+def test_the_episodes_a_process_takes_are_known_ahead_with_an_epochs_budget():
+    cfg = load_config("digits", ["synthesis.warmup=2", "synthesis.gwp_loops=3", "synthesis.g_loops=1",
+                                 "distill.epochs=10"])
+    assert episodes_to_take(cfg, 0, cfg.total_epochs, world=1) == 2 * 3 + 10 * 1
+    assert episodes_to_take(cfg, 0, cfg.total_epochs, world=2) == 2 * 2 + 10 * 1  # each process rounds up
+    assert episodes_to_take(cfg, 5, 8, world=1) == 3  # a resumed run up to a stop epoch
+    pixels = load_config("digits", ["synthesis.warmup=2", "synthesis.gwp_loops=3", "budget.kind=pixels",
+                                    "budget.amount=1e6"])
+    assert episodes_to_take(pixels, 0, 2, world=1) == 6  # warm-up still counts episodes
+    assert episodes_to_take(pixels, 0, pixels.total_epochs, world=1) is None  # the budget decides
 
 
 def test_a_pixel_budget_is_spent_and_accounted_exactly(tmp_path, teacher):

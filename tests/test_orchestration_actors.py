@@ -15,6 +15,7 @@ from muse.student import StudentNet
 from muse.teacher import ensure_teacher
 from orchestration import (GenerationFeed, StalenessPolicy, create_generator_actors, create_weight_store,
                            staleness, wait_until_ready)
+from orchestration.feed import submit_first_episodes
 from orchestration.weight_store import state_to_numpy
 
 from conftest import fast_digits_config
@@ -130,6 +131,30 @@ def test_feed_keeps_k_calls_in_flight(actors):
         assert all(len(r) == BATCH and r.images.dtype == np.uint8 for r in records)
         assert feed.metrics()["records"] == 4 and feed.wait_s > 0
     assert feed.in_flight == 0
+
+
+def test_a_feed_with_a_limit_numbers_no_episode_past_it(actors):
+    with GenerationFeed(actors, in_flight=3, limit=5) as feed:
+        records = [feed.next_record(timeout_s=60) for _ in range(3)]
+        assert feed.issued == 5 and feed.in_flight == 2  # the last two went out; nothing past them
+        records += [feed.next_record(timeout_s=60) for _ in range(2)]
+        assert sorted(r.step for r in records) == [0, 1, 2, 3, 4] and feed.in_flight == 0
+        with pytest.raises(RuntimeError, match="all 5 episodes of this feed are taken"):
+            feed.next_record(timeout_s=60)
+
+
+def test_a_feed_adopts_the_first_episodes_the_driver_submitted(actors):
+    first, second = submit_first_episodes(actors, world_size=2, per_rank=2)
+    assert [call.episode for _, call in first] == [0, 2] and [call.episode for _, call in second] == [1, 3]
+    assert {call.actor for _, call in second} == {0, 1}  # spread over the actors
+    with GenerationFeed(actors, in_flight=1, rank=1, world_size=2, limit=3).adopt(second) as feed:
+        assert feed.in_flight == 2 and feed.issued == 2
+        records = [feed.next_record(timeout_s=60) for _ in range(3)]
+        assert sorted(r.step for r in records) == [1, 3, 5]  # the two handed over, then its own next
+        assert feed.first_episode_at is not None and feed.first_episode_at <= feed.first_record_at
+    with pytest.raises(ValueError, match="not this feed's next"):
+        GenerationFeed(actors, in_flight=1, rank=0, world_size=2).adopt(second)
+    ray.get([ref for ref, _ in first])
 
 
 def test_killing_a_generator_mid_call_loses_no_batch(actors):
