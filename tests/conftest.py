@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import shutil
+import signal
 import tempfile
 from collections.abc import Iterator
 
@@ -59,6 +60,18 @@ def teacher_dir(tmp_path_factory) -> Path:
 def fast_digits_config(output_dir: Path, teacher_dir: Path, *overrides: str) -> RunConfig:
     return load_config("digits", [*FAST_DIGITS, f"output_dir={output_dir}",
                                   f"teacher.checkpoint={teacher_dir / 'digits_cnn.pt'}", *overrides])
+
+
+@contextlib.contextmanager
+def default_sigint() -> Iterator[None]:
+    """Processes started in this block handle SIGINT as Python does by default. A SIGINT ignored by
+    whatever started the tests (e.g. a shell's `pytest &`) is ignored by every child too, and a child
+    Python then never raises KeyboardInterrupt; handlers, unlike an ignored signal, are not inherited."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 @contextlib.contextmanager

@@ -18,7 +18,7 @@ from mlflow.tracking import MlflowClient
 
 from muse.checkpoint import committed_checkpoints
 
-from conftest import FAST_DIGITS
+from conftest import FAST_DIGITS, default_sigint
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -27,8 +27,9 @@ def ctrl_c_when(command: list[str], ready: Callable[[], bool], env: dict[str, st
                 exit_s: float = 180) -> tuple[int, str]:
     """Start `command`, send it SIGINT once `ready()` (within `wait_s`), and return its exit code and
     stderr; a process that does not exit within `exit_s` is killed with its whole session."""
-    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               start_new_session=True)
+    with default_sigint():
+        process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                   text=True, start_new_session=True)
     try:
         deadline = time.monotonic() + wait_s
         while not ready():

@@ -37,7 +37,7 @@ from muse.checkpoint import committed_checkpoints
 from muse.config import load_config
 from muse.teacher import ensure_teacher
 
-from conftest import FAST_DIGITS, fast_digits_config
+from conftest import FAST_DIGITS, default_sigint, fast_digits_config
 
 BIN = Path(sys.executable).parent
 RAY_CLI = BIN / "ray"
@@ -295,7 +295,7 @@ def test_an_interrupted_sweep_continues_with_resume(head, tmp_path, teacher_dir,
     env = client_env(head.home, RAY_ADDRESS=gcs_address)
 
     log = tmp_path / "first.log"
-    with log.open("w") as out:
+    with log.open("w") as out, default_sigint():
         first = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     try:
         deadline = time.monotonic() + JOB_TIMEOUT_S
