@@ -70,7 +70,6 @@ class GenerationFeed:
         self.records = 0
         self.wait_s = 0.0  # time blocked in ray.wait: the feed's overhead as seen by the trainer
         self.first_record_at: float | None = None  # time.time() of the first batch back (start-up's end)
-        self.first_call_at: float | None = None  # time.time() of the first call submitted
         self.first_episode_at: float | None = None  # time.time() an actor began the earliest episode got back
         self.actor_failures = 0
         self.last_error: BaseException | None = None
@@ -196,7 +195,6 @@ class GenerationFeed:
                 return
             call = self._retry.popleft() if self._retry else self._new_call()
             call.actor = self._choose_actor()
-            self.first_call_at = self.first_call_at or time.time()
             ref = self.actors[call.actor].generate.remote(call.epoch, call.episode, self.resolution,
                                                           call.adversarial)
             self._pending[ref] = call

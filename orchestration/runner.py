@@ -26,7 +26,7 @@ from muse.commandline import (add_run_control_flags, add_tracking_flags, format_
                               parse_command_line, run_config, tracking_overrides)
 from muse.config import ConfigError, RunConfig
 from muse.data import DatasetError, DatasetInfo, load_dataset
-from muse.loop import SynthesisTally
+from muse.loop import SynthesisTally, episodes_of_epoch
 from muse.outputs import RunInterrupted, build_summary, save_outputs
 from muse.runtime import resolve_device
 from muse.synthesis import applicable_key_region
@@ -186,7 +186,9 @@ def first_episodes_per_rank(cfg: RunConfig) -> int:
         return 0
     world = cfg.ray.train.count or 1
     per_rank_actors = math.ceil(cfg.ray.generators.count / world)
-    return min(math.ceil(cfg.synthesis.gwp_loops / world), max(cfg.ray.feed.in_flight, 2 * per_rank_actors))
+    first_epoch = episodes_of_epoch(cfg, 0, world)
+    assert first_epoch is not None  # a warm-up epoch's count never depends on a budget
+    return min(first_epoch, max(cfg.ray.feed.in_flight, 2 * per_rank_actors))
 
 
 def fit_interruptibly(trainer: TorchTrainer, while_fitting: Callable[[], None] = lambda: None) -> ray.train.Result:

@@ -233,8 +233,7 @@ class RayWorkerHooks(EpochHooks):
 def feed_state(feed: GenerationFeed) -> dict[str, Any]:
     """A feed's episode numbering (a resumed run numbers on past it) and counters, for a checkpoint."""
     return {"issued": feed.issued, "start_episode": feed.start_episode, "world_size": feed.world_size,
-            "feed": feed.metrics(), "first_call_at": feed.first_call_at, "first_episode_at": feed.first_episode_at,
-            "first_record_at": feed.first_record_at}
+            "feed": feed.metrics(), "first_episode_at": feed.first_episode_at, "first_record_at": feed.first_record_at}
 
 
 def _set_report_log_level(level: str) -> None:

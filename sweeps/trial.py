@@ -62,8 +62,10 @@ def run_trial(params: dict[str, Any], sweep: dict[str, Any]) -> None:
     # No FAILED on an exception here: a trial the scheduler stops can raise on its way out too. The
     # driver closes every run left open, as FAILED or KILLED from what Tune says of the trial.
     if sweep["pbt_interval"]:
-        clock = SegmentClock(tune.get_checkpoint())
-        cfg, summary = _train_in_segments(cfg, params, trial_root, tracker, metric, sweep["pbt_interval"], clock)
+        checkpoint = tune.get_checkpoint()  # the donor's after an exploit, else None
+        clock = SegmentClock(checkpoint)
+        cfg, summary = _train_in_segments(cfg, params, trial_root, tracker, metric, sweep["pbt_interval"], clock,
+                                          checkpoint)
     else:
         cfg, summary = _train_to_the_end(cfg, params, trial_root, tracker, metric)
     finish_tracking(tracker, cfg, summary, step=summary["epochs_done"])
@@ -106,12 +108,13 @@ def _epoch_of(checkpoint: ray.train.Checkpoint | None) -> int:
 
 
 def _train_in_segments(cfg: RunConfig, params: dict[str, Any], trial_root: Path, tracker: Tracker,
-                       metric: str, interval: int, clock: SegmentClock) -> tuple[RunConfig, dict[str, Any]]:
+                       metric: str, interval: int, clock: SegmentClock,
+                       checkpoint: ray.train.Checkpoint | None) -> tuple[RunConfig, dict[str, Any]]:
     """One Train run to the end that commits a checkpoint at each segment boundary (every `interval`
     epochs after the warm-up); each boundary goes to Tune with that checkpoint while the run goes on.
     A trial PBT leaves alone never stops; one that clones another is ended by Tune with its process,
-    and restarts here, in a new segment folder, from the donor's checkpoint with the mutated config."""
-    checkpoint = tune.get_checkpoint()  # the donor's after an exploit, else None
+    and restarts here, in a new segment folder, from the donor's checkpoint (`checkpoint`) with the
+    mutated config."""
     epoch = _epoch_of(checkpoint)
     total = cfg.total_epochs
     if epoch >= total:  # cloned a donor that had already finished: its outputs are this trial's
