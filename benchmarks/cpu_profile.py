@@ -26,8 +26,8 @@ Sample = tuple[float, dict[int, tuple[float, str, float]]]
 
 
 def boot_time() -> float:
-    return float(next(line.split()[1] for line in Path("/proc/stat").read_text().splitlines()
-                      if line.startswith("btime ")))
+    """time.time() at boot, to 10 ms (/proc/stat's `btime` is rounded to the second)."""
+    return time.time() - float(Path("/proc/uptime").read_text().split()[0])
 
 
 BOOT_TIME = boot_time()
