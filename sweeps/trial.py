@@ -20,8 +20,6 @@ from typing import Any
 
 import ray.train
 from ray import tune
-from ray.train import UserCallback
-from ray.tune.integration.ray_train import TuneReportCallback
 from ray.util.queue import Empty, Queue
 
 from muse.checkpoint import latest_checkpoint, read_ranks, read_saved_run
@@ -29,25 +27,10 @@ from muse.config import ConfigError, RunConfig, validate_config, with_overrides
 from muse.data import load_dataset
 from muse.tracking import Tracker, child_tracker, finish_tracking
 from orchestration.runner import run, start_thread, summarize
+from sweeps.train_callbacks import BoundaryCheckpointCallback, EvaluationReportCallback
 
 TRIAL_TAG = "muse.trial_id"
 SEGMENT_LOG = "segments.jsonl"  # one line per Train run of a trial: where it started and from what
-
-
-class EvaluationReportCallback(TuneReportCallback):
-    """Forwards each evaluated epoch's rank-0 metrics to Tune, with its count of `evaluations`, except
-    the last: the trial reports that itself once its outputs are written, since Tune may end a trial's
-    process at any report. Warm-up epochs have no accuracy yet, and Tune rejects a result without the
-    sweep's metric."""
-
-    def __init__(self, metric: str, warmup: int, last_epoch: int) -> None:
-        super().__init__()
-        self.metric, self.warmup, self.last_epoch = metric, warmup, last_epoch
-
-    def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
-        if self.metric in metrics[0] and metrics[0]["epoch"] < self.last_epoch:  # epochs count from 1
-            evaluations = metrics[0]["epoch"] - self.warmup
-            super().after_report(run_context, [metrics[0] | {"evaluations": evaluations}, *metrics[1:]], checkpoint)
 
 
 def run_trial(params: dict[str, Any], sweep: dict[str, Any]) -> None:
@@ -166,19 +149,6 @@ class SegmentClock:
         lap = {"segment_wall_s": now - self.started, "segment_loop_s": loop_s - self.loop_s}
         self.started, self.loop_s = now, loop_s
         return lap
-
-
-class BoundaryCheckpointCallback(UserCallback):
-    """In the Train controller: passes each committed checkpoint of a boundary epoch, with its rank-0
-    metrics, to the trial's thread (Ray Train's Tune callback passes metrics only, and PBT clones
-    checkpoints)."""
-
-    def __init__(self, queue: Queue, boundaries: list[int]) -> None:
-        self.queue, self.boundaries = queue, set(boundaries)
-
-    def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
-        if checkpoint is not None and metrics[0].get("epoch") in self.boundaries:
-            self.queue.put({"metrics": metrics[0], "checkpoint": checkpoint.path})
 
 
 def _boundary_result(metrics: dict[str, Any], metric: str, warmup: int) -> dict[str, Any]:

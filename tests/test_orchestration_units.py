@@ -3,6 +3,10 @@ round trips, and a GeneratorActor used as a plain object."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 from pydantic import ValidationError
@@ -57,3 +61,17 @@ def test_generator_is_rebuilt_when_a_g_life_boundary_is_crossed(actor):
     actor.epoch = None  # as a fresh actor: the first epoch seen never rebuilds
     assert [actor.maybe_rebuild(e) for e in (3, 4, 7, 6, 9, 10, 11)] == [False, False, True, False, False,
                                                                           True, False]
+
+
+# Ray's processes that unpickle these modules: the Train controller (which imports torch anyway, with
+# Ray Train's TorchConfig) and the weight store (which needs no torch at all).
+@pytest.mark.parametrize(("module", "unwanted"), [("orchestration.commit_pointer", ("timm", "muse.models")),
+                                                  ("sweeps.train_callbacks", ("timm", "muse.models")),
+                                                  ("orchestration.weight_store", ("torch", "timm", "muse.models"))])
+def test_what_ray_processes_unpickle_imports_no_models(module, unwanted):
+    """Each import costs seconds of every Train run's start-up on a small machine (a PBT trial starts a
+    Train run per exploit)."""
+    probe = f"import sys, {module}; print(sorted(m for m in {unwanted!r} if m in sys.modules))"
+    imported = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,
+                              cwd=Path(__file__).resolve().parents[1]).stdout.strip()
+    assert imported == "[]"
