@@ -27,7 +27,7 @@ from muse.data import DatasetError, load_dataset
 from muse.engine import run_distillation
 from muse.evaluate import topk_accuracy
 from muse.export import FORMATS, export_student, load_snippet
-from muse.outputs import RunInterrupted
+from muse.errors import RunInterrupted
 from muse.pool_files import EXPORT_FORMATS, export_pool, format_pool_summary, summarize_pool
 from muse.runtime import resolve_device
 from muse.saved_models import load_classifier

@@ -8,7 +8,6 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from muse.checkpoint import latest_checkpoint, read_saved_run
 from muse.config import (ConfigError, RunConfig, load_config, parse_overrides, typed_overrides, validate_config,
                          with_overrides)
 
@@ -62,6 +61,8 @@ def run_config(args: argparse.Namespace, flags: list[str]) -> tuple[RunConfig, P
         raise ConfigError("--resume continues a run and --overwrite deletes it: give one of them")
     if args.resume is None:
         return load_config(args.config, [*flags, *typed_overrides(args.overrides)]), None
+    from muse.checkpoint import latest_checkpoint, read_saved_run  # torch and the models: only to resume
+
     checkpoint = latest_checkpoint(args.resume)
     if args.overrides:
         raise ConfigError("--resume continues a run with its saved config; drop the overrides "

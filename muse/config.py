@@ -22,6 +22,7 @@ import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from muse.datasets import DATASETS, dataset_names, get_dataset
+from muse.model_names import MODEL_NAMES
 
 
 class ConfigError(ValueError):
@@ -76,6 +77,8 @@ def _device_name(name: str) -> str:
 
 def _registered_model(name: str) -> str:
     """A timm model name, ours included; an unknown one is refused with the closest names."""
+    if name in MODEL_NAMES:  # ours: no need to load timm to know
+        return name
     import timm
 
     import muse.models  # noqa: F401  (registers our architectures with timm)

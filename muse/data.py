@@ -27,7 +27,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from muse.config import DataConfig
-from muse.datasets import DatasetSpec, UnknownDatasetError, get_dataset
+from muse.datasets import DatasetError, DatasetSpec, UnknownDatasetError, get_dataset
 from muse.transforms import resize
 
 __all__ = [
@@ -44,10 +44,6 @@ __all__ = [
 # Above this many bytes, resized uint8 images are not precomputed but resized one at a time on access.
 _PRERESIZE_LIMIT_BYTES = 1 << 30
 _RESIZE_CHUNK = 4096
-
-
-class DatasetError(ValueError):
-    """A dataset that cannot be loaded; the message says what is wrong and how to fix it."""
 
 
 @dataclass(frozen=True)

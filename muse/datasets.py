@@ -18,12 +18,17 @@ from types import MappingProxyType
 
 __all__ = [
     "DATASETS",
+    "DatasetError",
     "DatasetSpec",
     "UnknownDatasetError",
     "dataset_names",
     "get_dataset",
     "register_dataset",
 ]
+
+
+class DatasetError(ValueError):
+    """A dataset that cannot be loaded; the message says what is wrong and how to fix it."""
 
 
 class UnknownDatasetError(ValueError):

@@ -21,7 +21,8 @@ from muse.distillation import Distiller
 from muse.embeddings import label_embeddings
 from muse.evaluate import LARGE_TEST_SPLIT, topk_accuracy
 from muse.loop import EpochHooks, LocalSynthesis, RunState, build_distiller, run_epochs, teacher_accuracy
-from muse.outputs import RunInterrupted, build_summary, save_outputs
+from muse.errors import RunInterrupted
+from muse.outputs import build_summary, save_outputs
 from muse.pool import SyntheticPool
 from muse.runtime import resolve_device
 from muse.schedules import ResolutionSchedule

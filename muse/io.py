@@ -9,8 +9,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import torch
-
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
     """Call `write(tmp)` on a temporary file beside `path`, then rename it into place."""
@@ -28,6 +26,8 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
 
 
 def save_torch(obj: Any, path: Path) -> Path:
+    import torch  # here: the JSON writes serve processes that never import torch
+
     return atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 

@@ -50,12 +50,3 @@ def save_outputs(cfg: RunConfig, summary: dict[str, Any], student_state: dict[st
     atomic_write(cfg.output_dir / "config.yaml",
                  lambda tmp: tmp.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)))
     save_json(summary, cfg.output_dir / "summary.json")
-
-
-class RunInterrupted(Exception):
-    """Ctrl+C stopped a run. `summary` is marked `interrupted` and saved with the student, as of the run's
-    last evaluation (in-process) or last committed checkpoint (Ray); None when nothing was committed yet."""
-
-    def __init__(self, summary: dict[str, Any] | None) -> None:
-        super().__init__("interrupted" + (f" after epoch {summary['epochs_done']}" if summary else ""))
-        self.summary = summary

@@ -1,8 +1,10 @@
 """GenerationFeed: how a Train worker gets synthetic batches. Pull, not push, and no queue actor.
 
 The worker keeps K `generate.remote()` calls in flight over the GeneratorActors and takes whichever
-finishes first (`ray.wait(num_returns=1)`), submitting a replacement at once. The worker owns every
-result ref, so nothing is lost when a generator dies: Ray restarts the actor and retries the call
+finishes first (`ray.wait(num_returns=1)`), submitting a replacement at once. Between takes (KD steps,
+evaluation, a checkpoint) the worker `poll`s: a call that has finished is set aside and replaced at once,
+so no actor waits for the trainer to come back for its batch. The worker owns every result ref, so
+nothing is lost when a generator dies: Ray restarts the actor and retries the call
 (`max_task_retries=-1`); a call to an actor that is gone for good is resubmitted to a live one.
 """
 
@@ -34,7 +36,8 @@ class _Call:
 
 
 class GenerationFeed:
-    """K `generate` calls in flight over `actors`; `next_record` returns the first to finish.
+    """K `generate` calls in flight over `actors`; `next_record` returns the first to finish, or the oldest
+    that `poll` set aside (up to K finished batches are held, so at most 2K episodes are out at once).
 
     Episode numbers are global across Train workers: worker `rank` of `world_size` issues episodes
     start_episode + rank, start_episode + rank + world_size, … so pool shards and resolution schedules
@@ -63,6 +66,7 @@ class GenerationFeed:
         self.issued = 0  # episodes numbered so far by this feed
         self.limit = limit
         self._pending: dict[ray.ObjectRef, _Call] = {}
+        self._finished: deque[tuple[ray.ObjectRef, _Call]] = deque()  # set aside by `poll`, oldest first
         self._retry: deque[_Call] = deque()
         self._load = [0] * len(self.actors)
         self._dead: set[int] = set()
@@ -76,7 +80,13 @@ class GenerationFeed:
 
     @property
     def in_flight(self) -> int:
+        """Calls queued or running on the actors."""
         return len(self._pending)
+
+    @property
+    def held(self) -> int:
+        """Finished calls that `poll` set aside, not yet taken."""
+        return len(self._finished)
 
     @property
     def exhausted(self) -> bool:
@@ -94,8 +104,9 @@ class GenerationFeed:
 
     def hand_over(self) -> list[tuple[ray.ObjectRef, _Call]]:
         """The calls in flight, for another feed to `adopt` (e.g. in another process); this feed lets go of them."""
-        calls = list(self._pending.items())
+        calls = [*self._finished, *self._pending.items()]
         self._pending.clear()
+        self._finished.clear()
         self._load = [0] * len(self.actors)
         return calls
 
@@ -117,6 +128,17 @@ class GenerationFeed:
         """The epoch and adversarial flag for calls submitted from now on."""
         self.epoch, self.adversarial = epoch, adversarial
 
+    def poll(self) -> int:
+        """Without blocking: set aside the calls that have finished and submit a replacement for each
+        at once (while fewer than K are held). Returns how many finished calls are held."""
+        if self._pending:
+            done, _ = ray.wait(list(self._pending), num_returns=len(self._pending), timeout=0)
+            for ref in done:
+                self._finished.append((ref, self._take(ref)))
+            if done:
+                self._fill(new_calls=True)
+        return len(self._finished)
+
     def next_record(self, timeout_s: float | None = None) -> SynthesisRecord:
         """The first finished batch (topping the calls in flight back up to K). Raises TimeoutError when
         none finishes within `timeout_s`, RuntimeError when no actor is left, and re-raises a
@@ -136,22 +158,12 @@ class GenerationFeed:
     def _next(self, deadline: float | None, replace: bool) -> SynthesisRecord | None:
         """Wait for one call; None when nothing is left to wait for (only with `replace=False`)."""
         while True:
-            self._fill(new_calls=replace)
-            if not self._pending:
-                if replace and self.exhausted and not self._retry:
-                    raise RuntimeError(f"all {self.limit} episodes of this feed are taken; none is left to wait for")
-                if self._retry or replace:
-                    raise RuntimeError(f"no live generator actors left (of {len(self.actors)})") from self.last_error
+            taken = self._finished.popleft() if self._finished else self._wait_for_one(deadline, replace)
+            if taken is None:
                 return None
-            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-            started = time.perf_counter()
-            ready, _ = ray.wait(list(self._pending), num_returns=1, timeout=remaining)
-            self.wait_s += time.perf_counter() - started
-            if not ready:
-                raise TimeoutError(f"no synthetic batch came back in time ({self.in_flight} calls in flight)")
-            call = self._take(ready[0])
+            ref, call = taken
             try:
-                payload = ray.get(ready[0])
+                payload = ray.get(ref)
             except RayActorError as error:
                 if isinstance(error, RayTaskError):  # raised inside generate: a bug, not a lost actor
                     raise
@@ -165,6 +177,24 @@ class GenerationFeed:
             self.first_record_at = self.first_record_at or time.time()
             return record_from_dict(payload, copy=self.copy_arrays)
 
+    def _wait_for_one(self, deadline: float | None, replace: bool) -> tuple[ray.ObjectRef, _Call] | None:
+        """The first call in flight to finish (topped up first); None when nothing is left to wait for
+        (only with `replace=False`)."""
+        self._fill(new_calls=replace)
+        if not self._pending:
+            if replace and self.exhausted and not self._retry:
+                raise RuntimeError(f"all {self.limit} episodes of this feed are taken; none is left to wait for")
+            if self._retry or replace:
+                raise RuntimeError(f"no live generator actors left (of {len(self.actors)})") from self.last_error
+            return None
+        remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+        started = time.perf_counter()
+        ready, _ = ray.wait(list(self._pending), num_returns=1, timeout=remaining)
+        self.wait_s += time.perf_counter() - started
+        if not ready:
+            raise TimeoutError(f"no synthetic batch came back in time ({self.in_flight} calls in flight)")
+        return ready[0], self._take(ready[0])
+
     def close(self, grace_s: float = 5.0) -> None:
         """Cancel the queued calls and let running ones finish (up to `grace_s`); results are discarded.
         Ray cannot interrupt a running method of a sync actor, and leaving it be keeps the actor's
@@ -175,12 +205,14 @@ class GenerationFeed:
         if refs:
             ray.wait(refs, num_returns=len(refs), timeout=grace_s)
         self._pending.clear()
+        self._finished.clear()
         self._retry.clear()
         self._load = [0] * len(self.actors)
 
     def metrics(self) -> dict[str, float]:
         return {"records": self.records, "wait_s": self.wait_s, "mean_wait_s": self.wait_s / max(1, self.records),
-                "in_flight": self.in_flight, "live_actors": self.live_actors, "actor_failures": self.actor_failures}
+                "in_flight": self.in_flight, "held": self.held, "live_actors": self.live_actors,
+                "actor_failures": self.actor_failures}
 
     def __enter__(self) -> GenerationFeed:
         return self
@@ -189,9 +221,10 @@ class GenerationFeed:
         self.close()
 
     def _fill(self, new_calls: bool = True) -> None:
-        """Resubmit lost calls, then (with `new_calls`) add new episodes, up to K calls in flight."""
+        """Resubmit lost calls, then (with `new_calls`, and while fewer than K finished calls are held) add
+        new episodes, up to K calls in flight."""
         while len(self._pending) < self.in_flight_target and self.live_actors > 0:
-            if not self._retry and (not new_calls or self.exhausted):
+            if not self._retry and (not new_calls or self.exhausted or len(self._finished) >= self.in_flight_target):
                 return
             call = self._retry.popleft() if self._retry else self._new_call()
             call.actor = self._choose_actor()
@@ -227,11 +260,17 @@ class GenerationFeed:
         self._retry.append(call)
 
 
-def submit_first_episodes(actors: list[ActorHandle], world_size: int, per_rank: int) -> list[list[tuple[ray.ObjectRef, _Call]]]:
-    """A fresh run's first `per_rank` episodes of each of `world_size` Train ranks, submitted now (warm-up
-    episodes need no student, so the driver can start them as soon as the actors exist, before the Train
-    workers are up), numbered as each rank's feed would number them; rank r's feed `adopt`s list r."""
-    if per_rank < 1:
-        return [[] for _ in range(world_size)]
-    return [GenerationFeed(actors, per_rank, rank=rank, world_size=world_size, limit=per_rank).start().hand_over()
-            for rank in range(world_size)]
+def submit_first_episodes(actors: list[ActorHandle], world_size: int, per_rank: int,
+                          per_epoch: int) -> list[list[tuple[ray.ObjectRef, _Call]]]:
+    """A fresh run's first `per_rank` episodes of each of `world_size` Train ranks (warm-up episodes, each
+    warm-up epoch `per_epoch` of them per rank), submitted now: they need no student, so the driver can
+    start them as soon as the actors exist, before the Train workers are up. Numbered, and given the
+    epoch, as each rank's loop would; rank r's feed `adopt`s list r."""
+    ranks: list[list[tuple[ray.ObjectRef, _Call]]] = []
+    for rank in range(world_size):
+        feed, calls = GenerationFeed(actors, 1, rank=rank, world_size=world_size, limit=per_rank), []
+        for k in range(per_rank):
+            feed.set_phase(k // per_epoch, adversarial=False)
+            calls += feed.start().hand_over()
+        ranks.append(calls)
+    return ranks

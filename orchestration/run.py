@@ -1,7 +1,8 @@
-"""`python orchestration/run.py [flags] [overrides]`: MUSE on Ray (see `orchestration/runner.py` and
-`--help`). Also the entry point of `ray job submit -- python orchestration/run.py`.
+"""`python orchestration/run.py [flags] [overrides]`: MUSE on Ray (see `orchestration/cli.py`,
+`orchestration/runner.py` and `--help`). Also the entry point of `ray job submit -- python
+orchestration/run.py`.
 
-Importing this module changes nothing; `main` bootstraps the process and hands over to the runner.
+Importing this module changes nothing; `main` bootstraps the process and hands over to the command line.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ def main(argv: list[str] | None = None) -> int:
     repo = str(Path(__file__).resolve().parents[1])
     if repo not in sys.path:  # run as a script: make the repo root importable
         sys.path.insert(0, repo)
-    from orchestration.runner import main as run_main
+    from orchestration.cli import main as run_main
 
     return run_main(argv)
 

@@ -1,15 +1,13 @@
-"""The Ray runner behind `python orchestration/run.py`: connect to (or start) a cluster, start the
-generator actors and the weight store, fit a Ray Train `TorchTrainer` running `train_loop_per_worker`,
-and summarise the run from its final checkpoint. Importing it changes nothing (no environment, no
-sys.path): `orchestration/run.py` is the script that bootstraps and calls `main`.
+"""The Ray run behind `python orchestration/run.py` (whose command line is `orchestration.cli`), on a
+cluster already joined: start the generator actors and the weight store, fit a Ray Train `TorchTrainer`
+running `train_loop_per_worker`, and summarise the run from its final checkpoint. Importing it changes
+nothing (no environment, no sys.path).
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import math
-import sys
 import threading
 import time
 import uuid
@@ -22,68 +20,20 @@ from ray.train import UserCallback
 from ray.train.torch import TorchTrainer
 
 from muse.checkpoint import LOCAL_POINTER, latest_checkpoint, prepare_output_dir, read_ranks, read_saved_run
-from muse.commandline import (add_run_control_flags, add_tracking_flags, format_summary, interrupted_message,
-                              parse_command_line, run_config, tracking_overrides)
 from muse.config import ConfigError, RunConfig
-from muse.data import DatasetError, DatasetInfo, load_dataset
+from muse.data import DatasetInfo, load_dataset
+from muse.errors import RunInterrupted
 from muse.loop import SynthesisTally, episodes_of_epoch
-from muse.outputs import RunInterrupted, build_summary, save_outputs
+from muse.outputs import build_summary, save_outputs
 from muse.runtime import resolve_device
 from muse.synthesis import applicable_key_region
 from muse.teacher import ensure_teacher
-from muse.tracking import Tracker, check_store, finish_tracking, run_tracker, ui_hint
-from orchestration.cluster import connect
+from muse.tracking import Tracker, check_store, finish_tracking, run_tracker
 from orchestration.commit_pointer import CommitPointer
 from orchestration.feed import submit_first_episodes
 from orchestration.generator_actor import create_generator_actors, wait_until_ready
 from orchestration.train_loop import train_loop_per_worker
 from orchestration.weight_store import create_weight_store, wait_until_store_ready
-
-USAGE = """Run MUSE on Ray: generator actors feed the object store, Ray Train workers distil the student.
-
-    python orchestration/run.py                                  # embedded default (digits), local Ray
-    python orchestration/run.py --config mnist data.root=../shared/data/mnist --generators 2
-    ray job submit --working-dir . -- python orchestration/run.py --config digits
-    python orchestration/run.py --stop-after-epoch 9             # checkpoint and stop (a staged run)
-    python orchestration/run.py --resume runs/digits              # continue from the latest checkpoint
-
-With RAY_ADDRESS set (as inside `ray job submit`) or `ray.address=...` it joins that cluster;
-otherwise it starts a local one bound to 127.0.0.1 and stops it at the end.
-"""
-
-FLAG_OVERRIDES = {  # command-line flag → config field
-    "generators": "ray.generators.count", "generator_cpus": "ray.generators.num_cpus",
-    "generator_gpus": "ray.generators.num_gpus", "workers": "ray.train.count",
-    "worker_cpus": "ray.train.cpus_per_worker", "in_flight": "ray.feed.in_flight",
-}
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=USAGE, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="digits", help="YAML file or shipped config name (default: digits)")
-    parser.add_argument("--generators", type=int, help="GeneratorActors (ray.generators.count)")
-    parser.add_argument("--generator-cpus", type=float, help="CPUs per generator actor (fractions allowed)")
-    parser.add_argument("--generator-gpus", type=float, help="GPUs per generator actor, e.g. 0.25")
-    parser.add_argument("--workers", type=int, help="Ray Train workers (DDP); 0 runs the loop in the driver")
-    parser.add_argument("--worker-cpus", type=float, help="CPUs per Train worker")
-    parser.add_argument("--in-flight", type=int, help="generate() calls each worker keeps in flight")
-    parser.add_argument("--gpu", action="store_true", help="Train workers and generators on GPUs")
-    parser.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local cluster (default: all)")
-    add_run_control_flags(parser)
-    add_tracking_flags(parser)
-    parser.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. loss.kr=2.0")
-    return parse_command_line(parser, argv)
-
-
-def resolve_config(args: argparse.Namespace) -> tuple[RunConfig, ray.train.Checkpoint | None]:
-    flags = [f"{field}={getattr(args, name)}" for name, field in FLAG_OVERRIDES.items()
-             if getattr(args, name) is not None] + tracking_overrides(args)
-    if args.gpu:
-        flags += ["ray.train.use_gpu=true", "device=cuda"]
-        if args.generator_gpus is None:
-            flags.append("ray.generators.num_gpus=0.25")
-    cfg, checkpoint = run_config(args, flags)
-    return cfg, ray.train.Checkpoint.from_directory(str(checkpoint)) if checkpoint is not None else None
 
 
 def run(cfg: RunConfig, checkpoint: ray.train.Checkpoint | None = None, stop_after_epoch: int | None = None,
@@ -114,8 +64,8 @@ def run(cfg: RunConfig, checkpoint: ray.train.Checkpoint | None = None, stop_aft
     actors = create_generator_actors(cfg, g.count, g.num_cpus, g.num_gpus, store_name, splits.info,
                                      resources=g.resources)
     # Queued on the actors now, run as soon as each is up; the refs stay ours until the run ends.
-    first_calls = submit_first_episodes(actors, cfg.ray.train.count or 1,
-                                        first_episodes_per_rank(cfg) if checkpoint is None else 0)
+    first, per_epoch = first_episodes_per_rank(cfg) if checkpoint is None else (0, 1)
+    first_calls = submit_first_episodes(actors, cfg.ray.train.count or 1, first, per_epoch)
     interrupted = False
     actors_ready_at = 0.0
     try:
@@ -178,17 +128,20 @@ def run(cfg: RunConfig, checkpoint: ray.train.Checkpoint | None = None, stop_aft
     return summary
 
 
-def first_episodes_per_rank(cfg: RunConfig) -> int:
-    """How many of each Train rank's first warm-up episodes the driver submits: the first warm-up epoch's,
-    up to two per generator actor (enough to keep the actors busy until the Train workers are up,
-    without holding many batches in the object store)."""
+FIRST_EPISODES_PER_ACTOR = 4  # about the Train workers' start-up (10-20 s here) at a few seconds a CPU episode
+
+
+def first_episodes_per_rank(cfg: RunConfig) -> tuple[int, int]:
+    """How many of each Train rank's warm-up episodes the driver submits, and how many a warm-up epoch
+    takes per rank: up to FIRST_EPISODES_PER_ACTOR per generator actor, enough to keep the actors busy
+    until the Train workers are up, without holding many batches in the object store."""
     if cfg.synthesis.warmup == 0:
-        return 0
+        return 0, 1
     world = cfg.ray.train.count or 1
+    per_epoch = episodes_of_epoch(cfg, 0, world)
+    assert per_epoch is not None  # a warm-up epoch's count never depends on a budget
     per_rank_actors = math.ceil(cfg.ray.generators.count / world)
-    first_epoch = episodes_of_epoch(cfg, 0, world)
-    assert first_epoch is not None  # a warm-up epoch's count never depends on a budget
-    return min(first_epoch, max(cfg.ray.feed.in_flight, 2 * per_rank_actors))
+    return min(cfg.synthesis.warmup * per_epoch, FIRST_EPISODES_PER_ACTOR * per_rank_actors), per_epoch
 
 
 def fit_interruptibly(trainer: TorchTrainer, while_fitting: Callable[[], None] = lambda: None) -> ray.train.Result:
@@ -280,44 +233,3 @@ def summarize(cfg: RunConfig, checkpoint: ray.train.Checkpoint, wall_s: float, i
     return summary
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    started_cluster = False
-    cfg: RunConfig | None = None
-    try:
-        cfg, checkpoint = resolve_config(args)
-        started_cluster = connect(cfg, args.num_cpus)
-        summary = run(cfg, checkpoint, args.stop_after_epoch, overwrite=args.overwrite)
-    except RunInterrupted as stop:
-        print(interrupted_message(cfg, stop.summary, "python orchestration/run.py"), file=sys.stderr)
-        return 130
-    except KeyboardInterrupt:  # before the run started, or while it was being summarised
-        print("interrupted: orchestration/run.py stopped before the run started", file=sys.stderr)
-        return 130
-    except (ConfigError, DatasetError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    except Exception as error:  # a failed run says why and exits non-zero
-        reason = " ".join(str(error).split())  # Ray Train's errors span lines
-        print(f"error: the run failed: {type(error).__name__}: {reason}{resume_hint(cfg)}", file=sys.stderr)
-        return 1
-    finally:
-        if started_cluster:
-            ray.shutdown()
-    print(format_summary(summary))
-    print(f"summary: {cfg.output_dir.resolve() / 'summary.json'}")
-    if hint := ui_hint(cfg):
-        print(hint)
-    return 0
-
-
-def resume_hint(cfg: RunConfig | None) -> str:
-    """For a run that failed midway (a full disk, a lost node): where it can continue from, if anywhere."""
-    if cfg is None:
-        return ""
-    try:
-        last = latest_checkpoint(cfg.output_dir)
-    except ConfigError:
-        return ""
-    return (f"; its last committed checkpoint ({last.name}) is intact: fix the cause (e.g. free space), then "
-            f"continue with: python orchestration/run.py --resume {cfg.output_dir}")

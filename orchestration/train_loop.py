@@ -139,9 +139,9 @@ class FeedSource:
 
 class RayWorkerHooks(EpochHooks):
     """Rank 0 pushes the student to the WeightStore (at the first KD step and every `push_interval`
-    steps), prints one line per epoch and logs each evaluation; every rank reports each epoch to Ray
-    Train, with a checkpoint every `checkpoint_every` epochs, at `checkpoint_epochs` and at the last (or
-    stop) epoch."""
+    steps), prints one line per epoch and logs each evaluation; every rank polls its feed after each KD
+    step and each epoch (finished calls replaced at once), and reports each epoch to Ray Train, with a
+    checkpoint every `checkpoint_every` epochs, at `checkpoint_epochs` and at the last (or stop) epoch."""
 
     def __init__(self, cfg: RunConfig, rank: int, world: int, actors: list[ActorHandle], weight_store: ActorHandle,
                  feed: GenerationFeed, policy: StalenessPolicy, distiller: Distiller, pool: SyntheticPool,
@@ -164,12 +164,14 @@ class RayWorkerHooks(EpochHooks):
     def after_kd_step(self, distiller: Distiller) -> None:
         if self.rank == 0 and distiller.steps % self.cfg.ray.weights.push_interval == 0:
             self._push()
+        self.feed.poll()  # an actor whose call finished during this step starts its next one now
 
     def _push(self) -> None:
         # Fire and forget: the store keeps only newer versions, and generators pull when they start a call.
         self.weight_store.push.remote(state_to_numpy(self.distiller.student.state_dict()), self.distiller.steps)
 
     def after_epoch(self, epoch: int, metrics: dict[str, Any], state: RunState, last: bool) -> None:
+        self.feed.poll()  # before the report and checkpoint, which the actors need not wait for
         feed_metrics = self.feed.metrics()
         metrics |= {"feed_wait_s": feed_metrics["wait_s"], "actor_failures": feed_metrics["actor_failures"],
                     "loop_s": state.loop_s,

@@ -14,6 +14,8 @@ from benchmarks.cpu_profile import DRIVER, RAY_SYSTEM, cpu_by_role, role_of, sna
 from benchmarks.pbt_segments import read_segments, report
 from benchmarks.pipeline import PIPELINE_KEYS, derive, format_table, record_pipeline
 from benchmarks.stages import row
+from benchmarks.startup import format_table as startup_table
+from benchmarks.startup import marks_since, medians
 
 
 def fake_pipeline_report() -> dict:
@@ -65,6 +67,17 @@ def test_pipeline_record_splits_startup_loop_and_teardown_and_reads_staleness():
     table = format_table(report)
     assert "pipeline 2 gen" in table and "0.77" in table and "3.0 / 20" in table
     assert "2 gen: 21.0 / 3.0 / 12.0 / 23.0 s" in table and "run() → last epoch 46.0 s" in table
+
+
+def test_startup_marks_count_from_the_command_and_the_median_is_per_mark():
+    source = {"first_episode_at": 1000.0 + 12.5, "worker_started_at": 1000.0 + 23.0, "first_record_at": 1000.0 + 25.5,
+              "issued": 9}
+    assert marks_since(1000.0, source) == {"first_episode_s": 12.5, "worker_in_loop_s": 23.0, "first_batch_s": 25.5}
+    repeats = [{"first_episode_s": 12.5, "command_s": 40.0}, {"first_episode_s": 11.0, "command_s": 44.0},
+               {"first_episode_s": 14.0, "command_s": 39.0}]
+    assert medians(repeats) == {"first_episode_s": 12.5, "command_s": 40.0}
+    table = startup_table({"repeats": repeats, "median": medians(repeats)})
+    assert table.splitlines()[-1].split() == ["median", "12.5s", "40.0s"]
 
 
 def test_stage_overhead_is_plain_throughput_over_ours():

@@ -35,7 +35,7 @@ def test_importing_the_ray_script_changes_nothing():
 
 def test_overrides_may_follow_a_flag():
     """`seed=1 --no-tracking loss.kr=0`: argparse alone would take `loss.kr=0` for an unknown argument."""
-    from orchestration.runner import parse_args
+    from orchestration.cli import parse_args
 
     args = parse_args(["seed=1", "--no-tracking", "loss.kr=0", "--workers", "1", "seed=2"])
     assert args.overrides == ["seed=1", "loss.kr=0", "seed=2"] and args.no_tracking and args.workers == 1

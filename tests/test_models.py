@@ -26,6 +26,12 @@ def _low_res(name: str) -> int:
     return next(res for prefix, res in LOW_RES.items() if name.startswith(prefix))
 
 
+def test_model_names_are_exactly_what_muse_models_registers() -> None:
+    """The config accepts MODEL_NAMES without loading timm: the list must not drift from the registry."""
+    registered = {name for module in ("small", "cifar_resnet", "wrn") for name in timm.list_models(module=module)}
+    assert registered == set(MODEL_NAMES)
+
+
 @pytest.mark.parametrize("name", MODEL_NAMES)
 def test_model_contract(name: str) -> None:
     torch.manual_seed(0)

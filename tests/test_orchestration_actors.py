@@ -5,6 +5,7 @@ round trips. One cluster, one teacher, one WeightStore and two generator actors 
 from __future__ import annotations
 
 import os
+import time
 
 import numpy as np
 import pytest
@@ -133,6 +134,23 @@ def test_feed_keeps_k_calls_in_flight(actors):
     assert feed.in_flight == 0
 
 
+def test_polling_replaces_finished_calls_before_the_trainer_takes_them(actors):
+    """One actor runs the K=2 calls one after the other, so they finish apart: each poll sets aside what
+    finished and tops the calls in flight up to K while fewer than K finished ones are held."""
+    with GenerationFeed(actors[1:], in_flight=2, limit=5).start() as feed:
+        deadline = time.monotonic() + 60
+        while feed.held < 2 and time.monotonic() < deadline:
+            held = feed.poll()
+            assert feed.issued == held + feed.in_flight  # nothing taken yet: every episode is held or out
+            if held < 2:
+                assert feed.in_flight == 2
+            time.sleep(0.01)
+        assert feed.held == 2 and feed.issued in (2, 3)  # 3 if the first was seen alone; no new call until one is taken
+        records = [feed.next_record(timeout_s=60) for _ in range(5)]
+        assert [r.step for r in records[:2]] == [0, 1]  # the held ones first, oldest first
+        assert sorted(r.step for r in records) == [0, 1, 2, 3, 4] and feed.in_flight == 0 and feed.held == 0
+
+
 def test_a_feed_with_a_limit_numbers_no_episode_past_it(actors):
     with GenerationFeed(actors, in_flight=3, limit=5) as feed:
         records = [feed.next_record(timeout_s=60) for _ in range(3)]
@@ -144,13 +162,16 @@ def test_a_feed_with_a_limit_numbers_no_episode_past_it(actors):
 
 
 def test_a_feed_adopts_the_first_episodes_the_driver_submitted(actors):
-    first, second = submit_first_episodes(actors, world_size=2, per_rank=2)
-    assert [call.episode for _, call in first] == [0, 2] and [call.episode for _, call in second] == [1, 3]
+    first, second = submit_first_episodes(actors, world_size=2, per_rank=3, per_epoch=2)
+    assert [call.episode for _, call in first] == [0, 2, 4] and [call.episode for _, call in second] == [1, 3, 5]
+    assert [call.epoch for _, call in second] == [0, 0, 1]  # two a warm-up epoch: the third is the next epoch's
+    assert [ray.get(ref)["epoch"] for ref, _ in second] == [0, 0, 1]  # as the actors were told
+    assert not any(call.adversarial for _, call in [*first, *second])
     assert {call.actor for _, call in second} == {0, 1}  # spread over the actors
-    with GenerationFeed(actors, in_flight=1, rank=1, world_size=2, limit=3).adopt(second) as feed:
-        assert feed.in_flight == 2 and feed.issued == 2
-        records = [feed.next_record(timeout_s=60) for _ in range(3)]
-        assert sorted(r.step for r in records) == [1, 3, 5]  # the two handed over, then its own next
+    with GenerationFeed(actors, in_flight=1, rank=1, world_size=2, limit=4).adopt(second) as feed:
+        assert feed.in_flight == 3 and feed.issued == 3
+        records = [feed.next_record(timeout_s=60) for _ in range(4)]
+        assert sorted(r.step for r in records) == [1, 3, 5, 7]  # the three handed over, then its own next
         assert feed.first_episode_at is not None and feed.first_episode_at <= feed.first_record_at
     with pytest.raises(ValueError, match="not this feed's next"):
         GenerationFeed(actors, in_flight=1, rank=0, world_size=2).adopt(second)

@@ -64,14 +64,35 @@ def test_generator_is_rebuilt_when_a_g_life_boundary_is_crossed(actor):
 
 
 # Ray's processes that unpickle these modules: the Train controller (which imports torch anyway, with
-# Ray Train's TorchConfig) and the weight store (which needs no torch at all).
-@pytest.mark.parametrize(("module", "unwanted"), [("orchestration.commit_pointer", ("timm", "muse.models")),
+# Ray Train's TorchConfig) and the weight store (which needs no torch at all); and the command line,
+# which checks its arguments and starts the cluster before the heavy imports are done.
+@pytest.mark.parametrize(("module", "unwanted"), [("orchestration.cli", ("torch", "timm", "muse.models", "ray.train")),
+                                                  ("orchestration.commit_pointer", ("timm", "muse.models")),
                                                   ("sweeps.train_callbacks", ("timm", "muse.models")),
                                                   ("orchestration.weight_store", ("torch", "timm", "muse.models"))])
-def test_what_ray_processes_unpickle_imports_no_models(module, unwanted):
+def test_what_ray_processes_unpickle_and_the_command_line_import_no_models(module, unwanted):
     """Each import costs seconds of every Train run's start-up on a small machine (a PBT trial starts a
     Train run per exploit)."""
-    probe = f"import sys, {module}; print(sorted(m for m in {unwanted!r} if m in sys.modules))"
-    imported = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,
-                              cwd=Path(__file__).resolve().parents[1]).stdout.strip()
-    assert imported == "[]"
+    assert python_prints(f"import sys, {module}; print(sorted(m for m in {unwanted!r} if m in sys.modules))") == "[]"
+
+
+def test_the_command_line_checks_its_config_without_loading_the_models():
+    """Everything before the cluster starts (so the heavy imports can run beside ray.init)."""
+    probe = ("import sys; from orchestration.cli import parse_args, resolve_config\n"
+             "cfg, _ = resolve_config(parse_args(['--config', 'mnist', 'data.root=/tmp', '--generators', '2']))\n"
+             "print(cfg.teacher.arch, sorted(m for m in ('torch', 'timm', 'ray.train') if m in sys.modules))")
+    assert python_prints(probe) == "lenet5 []"
+
+
+def test_importing_beside_a_block_loads_the_module_and_leaves_a_failed_import_to_the_caller():
+    probe = ("import sys; from orchestration.cli import importing_beside\n"
+             "with importing_beside('muse.models'): pass\n"
+             "with importing_beside('muse.no_such_module'): pass\n"
+             "print('muse.models' in sys.modules, 'muse.no_such_module' in sys.modules)")
+    assert python_prints(probe) == "True False"
+
+
+def python_prints(code: str) -> str:
+    """What `code` prints in a fresh interpreter at the repository root (imports start from nothing)."""
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                          cwd=Path(__file__).resolve().parents[1]).stdout.strip()
