@@ -51,8 +51,11 @@ def test_bf16_losses_stay_close_to_fp32_on_the_same_batch(tmp_path, digits_split
         for resolution in (8, 16):
             parts.pool.add(parts.synthesizer.episode(resolution))
         losses[name] = parts.distiller.step(parts.pool.sample_mixed(64, np.random.default_rng(0)))
-    assert losses["bf16"]["kd"] == pytest.approx(losses["fp32"]["kd"], rel=0.05)
-    assert losses["bf16"]["kd"] != losses["fp32"]["kd"]  # autocast really ran in bf16
+    for term in ("kd", "ed"):
+        assert losses["bf16"][term] == pytest.approx(losses["fp32"][term], rel=0.05)
+    # autocast really ran in bf16: some term moved (which one depends on the CPU's bf16 kernels; on a
+    # CPU without AVX512-BF16 this step's KD term came out bit-identical and only ED moved)
+    assert losses["bf16"] != losses["fp32"]
 
 
 def test_channels_last_changes_layout_not_values(tmp_path, digits_splits, teacher_dir):
