@@ -34,7 +34,8 @@ from ray.util.state import list_actors
 from muse.checkpoint import LOCAL_POINTER
 from muse.config import RunConfig, load_config
 from muse.io import save_json
-from orchestration.runner import run, start_thread
+from orchestration.runner import run
+from orchestration.threads import start_thread
 
 MODES = ("undisturbed", "killed")
 

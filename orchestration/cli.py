@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
-import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
@@ -26,6 +25,7 @@ from muse.datasets import DatasetError
 from muse.errors import RunInterrupted
 from muse.tracking import ui_hint
 from orchestration.cluster import connect
+from orchestration.threads import start_thread
 
 if TYPE_CHECKING:
     import ray.train
@@ -134,13 +134,6 @@ def importing_beside(module: str) -> Iterator[None]:
     """Import `module` in a helper thread while the block runs. The block's thread mostly waits (for the
     cluster's processes), so the import takes the core it leaves. An error in that import is left for
     the caller's own import of the module to raise; a block that raises does not wait for the import."""
-    def load() -> None:
-        try:
-            importlib.import_module(module)
-        except BaseException:  # Python forgets a failed import: the caller's own import raises it again
-            pass
-
-    thread = threading.Thread(target=load, name=f"import {module}", daemon=True)
-    thread.start()
+    thread, _ = start_thread(f"import {module}", lambda: importlib.import_module(module))
     yield
     thread.join()

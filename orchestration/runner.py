@@ -32,6 +32,7 @@ from muse.tracking import Tracker, check_store, finish_tracking, run_tracker
 from orchestration.commit_pointer import CommitPointer
 from orchestration.feed import submit_first_episodes
 from orchestration.generator_actor import create_generator_actors, wait_until_ready
+from orchestration.threads import start_thread
 from orchestration.train_loop import train_loop_per_worker
 from orchestration.weight_store import create_weight_store, wait_until_store_ready
 
@@ -166,22 +167,6 @@ def fit_interruptibly(trainer: TorchTrainer, while_fitting: Callable[[], None] =
     if "error" in fitted:
         raise fitted["error"]
     return fitted["result"]
-
-
-def start_thread(name: str, work: Callable[[], Any]) -> tuple[threading.Thread, dict[str, Any]]:
-    """A daemon thread running `work`; the dict gets its `result`, or the `error` it raised (for the
-    caller's thread to re-raise)."""
-    outcome: dict[str, Any] = {}
-
-    def run_work() -> None:
-        try:
-            outcome["result"] = work()
-        except BaseException as error:
-            outcome["error"] = error
-
-    thread = threading.Thread(target=run_work, name=name, daemon=True)
-    thread.start()
-    return thread, outcome
 
 
 def summarize_interrupted(cfg: RunConfig, wall_s: float, info: DatasetInfo) -> dict[str, Any] | None:

@@ -26,7 +26,8 @@ from muse.checkpoint import latest_checkpoint, read_ranks, read_saved_run
 from muse.config import ConfigError, RunConfig, validate_config, with_overrides
 from muse.data import load_dataset
 from muse.tracking import Tracker, child_tracker, finish_tracking
-from orchestration.runner import run, start_thread, summarize
+from orchestration.runner import run, summarize
+from orchestration.threads import start_thread
 from sweeps.train_callbacks import BoundaryCheckpointCallback, EvaluationReportCallback
 
 TRIAL_TAG = "muse.trial_id"
